@@ -1,0 +1,112 @@
+"""spac-export: a Hugging Face MoE model and its draft -> a spac package of ONNX graphs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+DESCRIPTION = """\
+Split a Hugging Face Mixture-of-Experts model and its draft into a spac package:
+trunk graphs (embedding, per-layer attention with explicit KV cache + router + shared experts,
+final norm + lm_head), one ONNX subgraph per routed expert with its weights in its own file
+(the paging unit), the draft's graphs, the tokenizer, and manifest.yaml with every file's sha256.
+
+At the end the package is run with ONNX Runtime and compared with the transformers model
+(16-token prompt + 8 cached decode steps); the max abs logit difference is printed."""
+
+EPILOG = """\
+supported MoE families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss
+supported drafts:       llama, mistral, qwen2, qwen3 (same tokenizer as the target)
+
+example:
+  spac-export models/qwen3-moe --draft models/qwen3-draft -o packages/qwen3-moe"""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="spac-export", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="target MoE model directory (saved with save_pretrained)")
+    parser.add_argument("--draft", type=Path, required=True, help="draft model directory (dense, same tokenizer)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="package directory to create")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="weight and activation dtype of the package (default: float32)")
+    parser.add_argument("--force", action="store_true", help="replace the output if it exists")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the final comparison with the transformers model")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+def summary(result) -> str:
+    manifest = result.manifest
+    target, draft = manifest["target"], manifest["draft"]
+    experts = target["experts"]
+    moe_layers = sum(layer["kind"] == "moe" for layer in target["layers"])
+    expert_files = moe_layers * target["dims"]["num_experts"]
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    rows = [
+        ("package", str(result.output)),
+        ("architecture", f"{target['architecture']} + draft {draft['architecture']}"),
+        ("layers", f"{target['dims']['num_layers']} ({moe_layers} MoE), draft {draft['dims']['num_layers']}"),
+        ("experts", f"{target['dims']['num_experts']} per MoE layer, top-{target['dims']['top_k']}, "
+                    f"{expert_files} files ({experts['spec']['variant']})"),
+        ("bytes per expert", human_bytes(experts["bytes_per_expert"])),
+        ("expert bytes", human_bytes(experts["bytes_per_expert"] * expert_files)),
+        ("total bytes", human_bytes(total)),
+        ("files", str(len(manifest["files"]) + 1)),
+        ("dtype", manifest["dtype"]),
+    ]
+    report = result.verification
+    if report:
+        rows.append(("verification", f"passed: max abs logit diff target {report['target_max_abs_diff']:.2e}, "
+                                     f"draft {report['draft_max_abs_diff']:.2e} (tolerance {report['tolerance']:g})"))
+    else:
+        rows.append(("verification", "skipped (--no-verify)"))
+    rows.append(("time", f"{result.seconds:.1f} s"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def quiet_exporter_logs() -> None:
+    # The dynamo exporter logs one warning per missing optional op library (torchvision) and a
+    # few deprecation notes; none concern the user.
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("torch._export").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_exporter_logs()
+    from .families import ExportError
+    from .package import ExportOptions, export_package
+    from .verify import verify_package
+
+    options = ExportOptions(args.model, args.draft, args.output, args.dtype, args.force, args.verify,
+                            progress=not args.quiet)
+    try:
+        result = export_package(options, verify_fn=verify_package)
+    except ExportError as error:
+        print(f"spac-export: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"spac-export: error: writing the package failed: {error}; nothing was left behind", file=sys.stderr)
+        return 1
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

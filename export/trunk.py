@@ -1,0 +1,166 @@
+"""Trunk graphs: everything of a model except its routed experts, as small ONNX graphs.
+
+Each graph wraps the model's own torch modules (attention, norms, router, shared experts), so
+the exported computation is exactly the model's. We export small wrappers rather than the whole
+model because the KV cache must be explicit tensors and the routed experts must be cut out.
+
+Graphs and their interfaces (batch is always 1; T new tokens, P cached positions):
+  embed:  input_ids[1,T] int64, position_ids[1,T] int64 -> hidden[1,T,H], cos, sin
+  layer:  hidden[1,T,H], cos, sin, past_* -> (dense)  hidden_out[1,T,H], present_*
+                                           -> (moe)    residual[1,T,H], moe_input[T,H],
+                                                       topk_ids[T,k] int64, topk_weights[T,k], present_*
+          where for MoE layers residual already holds the attention residual plus the shared
+          experts, so the runtime only adds the weighted routed-expert outputs.
+  head:   hidden[1,T,H] -> logits[1,T,V]
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from contextlib import redirect_stdout
+
+import torch
+from torch import nn
+
+from .families import Family
+
+OPSET = 20
+
+
+class ExplicitKV:
+    """Stands in for a transformers Cache: concatenates the past tensors given as graph inputs
+    with this step's tensors and keeps the result as the graph's present outputs. With no past
+    it only records this step's tensors (used to learn the cache shapes)."""
+
+    def __init__(self, past: tuple[torch.Tensor, torch.Tensor] | None):
+        self.past = past
+        self.present: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, first, second, layer_idx, *args, **kwargs):
+        if self.past is None:
+            self.present = (first, second)
+        else:
+            self.present = (torch.cat([self.past[0], first], dim=2), torch.cat([self.past[1], second], dim=2))
+        return self.present
+
+
+def causal_mask(past_len, new_len, window: int | None, dtype) -> torch.Tensor:
+    """Additive mask [1,1,T,P+T]: a query at absolute position q sees keys k <= q, and with a
+    sliding window only k > q - window (transformers' sliding_window_overlay)."""
+    q = torch.arange(new_len) + past_len
+    k = torch.arange(past_len + new_len)
+    allowed = k[None, :] <= q[:, None]
+    if window is not None:
+        allowed = allowed & (k[None, :] > q[:, None] - window)
+    zero = torch.zeros((), dtype=dtype)
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, zero, blocked)[None, None]
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+        self.rotary_emb = model.model.rotary_emb
+
+    def forward(self, input_ids, position_ids):
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        return hidden, cos, sin
+
+
+class LayerGraph(nn.Module):
+    """One decoder layer without its routed experts. It holds only the modules it runs, so the
+    experts' weights never enter the trunk graph."""
+
+    def __init__(self, family: Family, model, index: int):
+        super().__init__()
+        layer = model.model.layers[index]
+        self.family = family
+        self.window = family.sliding_window(model.config, index)
+        self.is_moe = family.is_moe_layer(layer)
+        self.input_layernorm = layer.input_layernorm
+        self.self_attn = layer.self_attn
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        if self.is_moe:
+            self.router = family.router(layer.mlp)
+            self.shared = family.shared_modules(layer.mlp)
+        else:
+            self.mlp = layer.mlp
+
+    def attend(self, hidden, cos, sin, cache: ExplicitKV, mask=None):
+        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=(cos, sin),
+                                 attention_mask=mask, cache=cache)
+        return hidden + attn
+
+    def forward(self, hidden, cos, sin, past_first, past_second):
+        cache = ExplicitKV((past_first, past_second))
+        mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype)
+        residual = self.attend(hidden, cos, sin, cache, mask)
+        moe_input = self.post_attention_layernorm(residual)
+        if not self.is_moe:
+            return (residual + self.mlp(moe_input), *cache.present)
+        flat = moe_input.reshape(-1, moe_input.shape[-1])
+        topk_ids, topk_weights = self.family.route(self.router, flat)
+        residual = residual + self.family.shared_output(self.shared, flat).reshape(residual.shape)
+        return residual, flat, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype), *cache.present
+
+
+class HeadGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+
+    def forward(self, hidden):
+        return self.lm_head(self.norm(hidden))
+
+
+def kv_shapes(layer_graph: LayerGraph, model) -> list[list[int]]:
+    """Shapes [1, heads, 0, dim] of a layer's two cache tensors, found by running it on one token."""
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    hidden, cos, sin = EmbedGraph(model)(ids, ids)
+    recorder = ExplicitKV(None)
+    with torch.no_grad():
+        layer_graph.attend(hidden, cos, sin, recorder)
+    return [[1, t.shape[1], 0, t.shape[3]] for t in recorder.present]
+
+
+def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path) -> None:
+    """torch.onnx dynamo export of one wrapper module to `path` with its weights inside."""
+    with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+        )
+    program.save(str(path), external_data=False)
+
+
+def export_trunk(family: Family, model, out_dir, progress) -> dict:
+    """Export embed, every layer and head of `model` into out_dir; returns the manifest section."""
+    T, P = torch.export.Dim("new_tokens", min=1, max=4096), torch.export.Dim("past", min=0, max=65536)
+    hidden_size, dtype = model.config.hidden_size, model.dtype
+    # Distinct example tensors: the exporter aliases inputs given as the same tensor object.
+    example_ids, example_positions = torch.tensor([[7, 3, 5]]), torch.arange(3)[None]
+    export_graph(EmbedGraph(model), (example_ids, example_positions), ["input_ids", "position_ids"],
+                 ["hidden", "cos", "sin"], {"input_ids": {1: T}, "position_ids": {1: T}}, out_dir / "embed.onnx")
+    _, cos, sin = EmbedGraph(model)(example_ids, example_positions)
+    layers = []
+    for index in range(model.config.num_hidden_layers):
+        layer_graph = LayerGraph(family, model, index)
+        shapes = kv_shapes(layer_graph, model)
+        past = tuple(torch.zeros(s[0], s[1], 2, s[3], dtype=dtype) for s in shapes)
+        hidden = torch.zeros(1, 3, hidden_size, dtype=dtype)
+        outputs = (["residual", "moe_input", "topk_ids", "topk_weights"] if layer_graph.is_moe else ["hidden_out"])
+        dyn = {"hidden": {1: T}, "cos": {1: T}, "sin": {1: T}, "past_first": {2: P}, "past_second": {2: P}}
+        file = f"layer_{index:03d}.onnx"
+        export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "cos", "sin", "past_first", "past_second"],
+                     [*outputs, "present_first", "present_second"], dyn, out_dir / file)
+        layers.append({"index": index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
+                       "sliding_window": layer_graph.window, "kv_shapes": shapes})
+        progress(f"layer {index}")
+    export_graph(HeadGraph(model), (torch.zeros(1, 3, hidden_size, dtype=dtype),), ["hidden"], ["logits"],
+                 {"hidden": {1: T}}, out_dir / "head.onnx")
+    return {"embed": "embed.onnx", "head": "head.onnx", "layers": layers}

@@ -1,0 +1,69 @@
+"""Routed-expert execution for one MoE layer: group the batch's tokens by expert, run each
+activated expert's subgraph on the execution provider its plan names, combine with the routing
+weights.
+
+Sessions are created once (at load), never on the hot path: session creation costs tens of ms.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sessions import SessionFactory
+
+
+@dataclass
+class ExpertStats:
+    calls: Counter = field(default_factory=Counter)  # per provider ("cpu", "cuda")
+    tokens: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"calls": dict(self.calls), "tokens": dict(self.tokens)}
+
+
+def group_by_expert(topk_ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """expert -> (token rows, top-k slots) of the tokens routed to it, in ascending expert order
+    (the order transformers accumulates in, so sums round the same way)."""
+    order = np.argsort(topk_ids, axis=None, kind="stable")
+    experts = topk_ids.reshape(-1)[order]
+    rows, slots = np.divmod(order, topk_ids.shape[1])
+    bounds = np.flatnonzero(np.diff(experts)) + 1
+    groups = {}
+    for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
+        groups[int(experts[start])] = (rows[start:stop], slots[start:stop])
+    return groups
+
+
+def expert_counts(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """Tokens per expert in this batch: the estimator's input."""
+    return np.bincount(topk_ids.reshape(-1), minlength=num_experts)
+
+
+class ResidentExperts:
+    """Every routed expert of the model held as its own in-graph-weights session (the fastest way
+    to run an expert on ORT: weights inside the graph get MLAS prepacking). Used when the whole
+    model fits the budget; the pager serves the case where it does not."""
+
+    def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", progress=None):
+        experts = manifest.target.experts
+        self.provider = provider
+        self.stats = ExpertStats()
+        self.sessions = {}
+        for layer in manifest.target.moe_layers:
+            for expert in range(manifest.target.dims["num_experts"]):
+                path = manifest.root / experts.path(layer, expert, ".onnx")
+                self.sessions[layer, expert] = sessions.create(path, provider)
+                if progress:
+                    progress()
+
+    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(x)
+        for expert, (rows, slots) in group_by_expert(topk_ids).items():
+            y = self.sessions[layer, expert].run(None, {"x": x[rows]})[0]
+            out[rows] += y * topk_weights[rows, slots, None]
+            self.stats.calls[self.provider] += 1
+            self.stats.tokens[self.provider] += len(rows)
+        return out

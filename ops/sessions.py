@@ -1,0 +1,45 @@
+"""ONNX Runtime sessions for the package's graphs, on the CPU or the CUDA execution provider.
+
+onnxruntime-gpu lists CUDAExecutionProvider even without a GPU and then silently falls back to
+the CPU, so we check what a session really got (`get_providers()`), not what is available.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import onnxruntime as ort
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+log = logging.getLogger("spac")
+
+
+class ProviderUnavailable(RuntimeError):
+    pass
+
+
+def cuda_available() -> bool:
+    return PROVIDERS["cuda"] in ort.get_available_providers()
+
+
+class SessionFactory:
+    """Creates sessions with one set of options: thread count and, per provider, its options."""
+
+    def __init__(self, threads: int | None = None, provider_options: dict | None = None):
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.log_severity_level = 3
+        if threads:
+            self.options.intra_op_num_threads = threads
+            self.options.inter_op_num_threads = 1
+        self.provider_options = provider_options or {}
+
+    def create(self, path: str | os.PathLike, provider: str = "cpu") -> ort.InferenceSession:
+        providers = [(PROVIDERS[provider], self.provider_options.get(provider, {}))]
+        if provider != "cpu":
+            providers.append((PROVIDERS["cpu"], {}))
+        session = ort.InferenceSession(str(path), self.options, providers=providers)
+        if PROVIDERS[provider] not in session.get_providers():
+            raise ProviderUnavailable(f"{PROVIDERS[provider]} could not be used for {path}")
+        return session
