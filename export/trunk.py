@@ -5,8 +5,8 @@ the exported computation is exactly the model's. We export small wrappers rather
 model because the KV cache must be explicit tensors and the routed experts must be cut out.
 
 Graphs and their interfaces (batch is always 1; T new tokens, P cached positions):
-  embed:  input_ids[1,T] int64, position_ids[1,T] int64 -> hidden[1,T,H], cos, sin
-  layer:  hidden[1,T,H], cos, sin, past_* -> (dense)  hidden_out[1,T,H], present_*
+  embed:  input_ids[1,T] int64, position_ids[1,T] int64 -> hidden[1,T,H], rope_cos, rope_sin
+  layer:  hidden[1,T,H], rope_cos, rope_sin, past_* -> (dense)  hidden_out[1,T,H], present_*
                                            -> (moe)    residual[1,T,H], moe_input[T,H],
                                                        topk_ids[T,k] int64, topk_weights[T,k], present_*
           where for MoE layers residual already holds the attention residual plus the shared
@@ -145,7 +145,7 @@ def export_trunk(family: Family, model, out_dir, progress) -> dict:
     # Distinct example tensors: the exporter aliases inputs given as the same tensor object.
     example_ids, example_positions = torch.tensor([[7, 3, 5]]), torch.arange(3)[None]
     export_graph(EmbedGraph(model), (example_ids, example_positions), ["input_ids", "position_ids"],
-                 ["hidden", "cos", "sin"], {"input_ids": {1: T}, "position_ids": {1: T}}, out_dir / "embed.onnx")
+                 ["hidden", "rope_cos", "rope_sin"], {"input_ids": {1: T}, "position_ids": {1: T}}, out_dir / "embed.onnx")
     _, cos, sin = EmbedGraph(model)(example_ids, example_positions)
     layers = []
     for index in range(model.config.num_hidden_layers):
@@ -156,7 +156,7 @@ def export_trunk(family: Family, model, out_dir, progress) -> dict:
         outputs = (["residual", "moe_input", "topk_ids", "topk_weights"] if layer_graph.is_moe else ["hidden_out"])
         dyn = {"hidden": {1: T}, "cos": {1: T}, "sin": {1: T}, "past_first": {2: P}, "past_second": {2: P}}
         file = f"layer_{index:03d}.onnx"
-        export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "cos", "sin", "past_first", "past_second"],
+        export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first", "past_second"],
                      [*outputs, "present_first", "present_second"], dyn, out_dir / file)
         layers.append({"index": index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
                        "sliding_window": layer_graph.window, "kv_shapes": shapes})
