@@ -1,1 +1,6 @@
-"""."""
+"""The device side of moe-spac: runs a spac package with ONNX Runtime (no torch, no transformers)."""
+
+from .manifest import ManifestError
+from .runtime import GenerationError, GenerationResult, Runtime
+
+__all__ = ["Runtime", "GenerationResult", "GenerationError", "ManifestError"]

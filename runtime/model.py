@@ -44,7 +44,7 @@ class ModelRunner:
         hidden, cos, sin = self.embed.run(None, {"input_ids": ids, "position_ids": positions})
         for index, (layer, session) in enumerate(zip(self.section.layers, self.layers)):
             past_first, past_second = self.cache[index]
-            feeds = {"hidden": hidden, "cos": cos, "sin": sin, "past_first": past_first, "past_second": past_second}
+            feeds = {"hidden": hidden, "rope_cos": cos, "rope_sin": sin, "past_first": past_first, "past_second": past_second}
             if layer.kind == "dense":
                 hidden, *present = session.run(None, feeds)
             else:

@@ -1,0 +1,95 @@
+"""spac-run: generate text from a spac package with speculative decoding and expert paging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+DESCRIPTION = """\
+Generate text from a package made by spac-export. The draft proposes --draft-len tokens per
+round and the target verifies them in one pass (greedy output equals the original model's).
+Text streams to stdout; one stats line goes to stderr (or everything as JSON with --json)."""
+
+EPILOG = """\
+profiles: cpu-only (default), jetson-orin-agx-64gb (alias jetson-orin), jetson-orin-nano-8gb,
+          rtx4090-desktop, h100-budget, or a path to a profile YAML (see spac-profile list)
+
+example:
+  spac-run --package packages/qwen3-moe --profile cpu-only --prompt "def fib(n):" --max-new-tokens 64"""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="spac-run", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", required=True, help="package directory made by spac-export")
+    parser.add_argument("--profile", default="cpu-only", help="device profile name or YAML path (default: cpu-only)")
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--stop", action="append", default=None, help="stop at this string (repeatable)")
+    parser.add_argument("--draft-len", type=int, default=None, help="γ, draft tokens per round (default: profile's)")
+    parser.add_argument("--no-speculative", dest="speculative", action="store_false",
+                        help="plain decoding with the target only")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated execution providers for experts, e.g. cuda,cpu (default: profile's)")
+    parser.add_argument("--strict", action="store_true", help="fail instead of falling back when CUDA is missing")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
+    return parser.parse_args(argv)
+
+
+def stats_line(stats: dict) -> str:
+    calls = ", ".join(f"{ep} {n}" for ep, n in sorted(stats["expert_calls"].items())) or "none"
+    return (f"[spac] {stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s decode, "
+            f"prefill {stats['prefill_seconds'] * 1000:.0f} ms | acceptance {stats['acceptance_rate']:.0%}, "
+            f"{stats['mean_accepted_per_round']:.2f} accepted/round (γ={stats['draft_len']}) | "
+            f"expert calls {calls}, hit rate {stats['expert_hit_rate']:.0%}, "
+            f"paged {stats['bytes_paged'] / 1e6:.1f} MB")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="spac-run: %(levelname)s: %(message)s")
+    from .manifest import ManifestError
+    from .profile import ProfileError
+    from .runtime import GenerationError, Runtime
+
+    providers = args.providers.split(",") if args.providers else None
+    try:
+        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
+                          strict=args.strict)
+    except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
+        print(f"spac-run: error: {error}", file=sys.stderr)
+        return 2
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed, stop=args.stop, speculative=args.speculative)
+    code = 0
+    try:
+        for piece in runtime.stream(prompt, **request):
+            if not args.json:
+                print(piece, end="", flush=True)
+    except (GenerationError, ValueError, TypeError) as error:
+        print(f"spac-run: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        code = 130
+    result = runtime.last_result
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats,
+                          "interrupted": result.interrupted}))
+    else:
+        print()
+        if result.interrupted:
+            print("[spac] interrupted", file=sys.stderr)
+        print(stats_line(result.stats), file=sys.stderr)
+    runtime.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Runtime: load a spac package with a device profile and generate text.
+
+    with Runtime("packages/qwen3-moe", profile="cpu-only") as rt:
+        print(rt.generate("def fib(n):", max_new_tokens=64).text)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from spac.ops.experts import ResidentExperts
+from spac.ops.sessions import SessionFactory, cuda_available
+
+from .manifest import ManifestError, load_manifest, verify_file
+from .model import ModelRunner
+from .profile import load_profile
+from .speculative import Decoder, Sampler
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger("spac")
+
+
+class GenerationError(ValueError):
+    """A request the runtime cannot serve (bad prompt length, bad max_new_tokens...)."""
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def choose_provider(profile, providers: list[str] | None, strict: bool) -> str:
+    """The EP experts run on: the first of `providers` (or the profile's) that this machine has."""
+    wanted = providers or [spec.name for spec in profile.providers]
+    unknown = [name for name in wanted if name not in ("cpu", "cuda")]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {unknown}; valid: 'cpu', 'cuda'")
+    if "cuda" in wanted and not cuda_available():
+        message = "CUDA was requested but CUDAExecutionProvider is not available (install onnxruntime-gpu"
+        if strict:
+            raise RuntimeError(message + "); not falling back because strict=True")
+        log.warning("%s); falling back to the CPU", message)
+        return "cpu"
+    return wanted[0]
+
+
+class Runtime:
+    def __init__(self, package, profile: str = "cpu-only", draft_len: int | None = None,
+                 providers: list[str] | None = None, strict: bool = False):
+        self.manifest = load_manifest(package)
+        self.profile = load_profile(profile)
+        self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
+        self.draft_len = self.profile.draft_len if draft_len is None else draft_len
+        if self.draft_len < 0:
+            raise ValueError(f"draft_len must be >= 0, got {self.draft_len}")
+        if self.manifest.draft is None:
+            self.draft_len = 0
+        self.provider = choose_provider(self.profile, providers, strict)
+        for name in self.manifest.files:
+            verify_file(self.manifest, name)
+        self.sessions = SessionFactory(self.profile.threads)
+        self.experts = ResidentExperts(self.manifest, self.sessions, self.provider)
+        self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts)
+        self.draft = ModelRunner(self.manifest, self.manifest.draft, self.sessions) if self.manifest.draft else None
+        self.tokenizer = TextTokenizer(self.manifest)
+        self.context = self.manifest.target.dims["max_position_embeddings"]
+        self.last_result: GenerationResult | None = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the sessions and expert weights."""
+        self.experts = self.target = self.draft = None
+
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None, speculative: bool = True) -> GenerationResult:
+        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative):
+            pass
+        return self.last_result
+
+    def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop: list[str] | None = None, speculative: bool = True) -> Iterator[str]:
+        """Yields text pieces as tokens are accepted; the full result is then `last_result`.
+        On KeyboardInterrupt the partial result is kept in `last_result` and the runtime stays usable."""
+        if self.target is None:
+            raise RuntimeError("this Runtime is closed")
+        prompt_ids = self._check_request(prompt, max_new_tokens)
+        limit = min(max_new_tokens, self.context - len(prompt_ids))
+        decoder = Decoder(self.target, self.draft if speculative else None, Sampler(temperature, top_p, seed))
+        draft_len = self.draft_len if speculative else 0
+        text = _TextAssembler(self.tokenizer, stop or [])
+        result = self.last_result = GenerationResult("", [])
+        calls_before = self.experts.stats.as_dict()
+        started = time.perf_counter()
+        prefill_seconds = None
+        generated: list[int] = []
+        try:
+            new = [decoder.prefill(prompt_ids)]
+            prefill_seconds = time.perf_counter() - started
+            while True:
+                done = self._admit(new, generated, limit)
+                piece = text.add(generated)
+                result.text, result.token_ids = text.text, list(generated)
+                if piece:
+                    yield piece
+                if done or text.stopped:
+                    break
+                new = decoder.step(min(draft_len, limit - len(generated) - 1))
+        except KeyboardInterrupt:
+            result.interrupted = True
+            raise
+        finally:
+            result.stats = self._stats(decoder, started, prefill_seconds, len(generated), len(prompt_ids),
+                                       calls_before)
+
+    def _admit(self, new: list[int], generated: list[int], limit: int) -> bool:
+        """Append new tokens up to the limit and the first end-of-sequence token; True when done."""
+        for token in new:
+            generated.append(token)
+            if token in self.tokenizer.eos_token_ids:
+                return True
+            if len(generated) >= limit:
+                return True
+        return False
+
+    def _check_request(self, prompt, max_new_tokens: int) -> list[int]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        prompt_ids = self.tokenizer.encode_prompt(prompt)
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty")
+        if len(prompt_ids) >= self.context:
+            raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context} "
+                                  "tokens, which must also hold at least one new token")
+        return prompt_ids
+
+    def _stats(self, decoder: Decoder, started: float, prefill_seconds, new_tokens: int, prompt_tokens: int,
+               calls_before: dict) -> dict:
+        total = time.perf_counter() - started
+        prefill = prefill_seconds if prefill_seconds is not None else total
+        decode = total - prefill
+        calls = self.experts.stats.as_dict()
+        expert_calls = {ep: n - calls_before["calls"].get(ep, 0) for ep, n in calls["calls"].items()}
+        return {
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "prefill_seconds": prefill, "decode_seconds": decode,
+            # The first token comes from the prefill pass; decode speed counts the rest.
+            "tokens_per_second": (new_tokens - 1) / decode if decode > 0 and new_tokens > 1 else 0.0,
+            **decoder.stats.as_dict(),
+            "draft_len": self.draft_len if decoder.draft else 0,
+            "expert_calls": expert_calls,
+            "expert_hit_rate": 1.0,  # every expert is resident: no miss is possible
+            "bytes_paged": 0,
+            "provider": self.provider,
+        }
+
+
+class _TextAssembler:
+    """Turns the growing token list into text pieces; holds back an incomplete UTF-8 character
+    and anything that could still become a stop string."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def add(self, ids: list[int]) -> str:
+        full = self.tokenizer.decode(ids)
+        for marker in self.stop:
+            cut = full.find(marker)
+            if cut >= 0:
+                full, self.stopped = full[:cut], True
+        self.text = full
+        safe = len(full) if self.stopped else self._safe_length(full)
+        piece, self.emitted = full[self.emitted:safe], max(self.emitted, safe)
+        return piece
+
+    def _safe_length(self, text: str) -> int:
+        end = len(text.rstrip("\ufffd"))
+        for marker in self.stop:  # a suffix that starts a stop string may not be shown yet
+            for size in range(min(len(marker) - 1, end), 0, -1):
+                if text[:end].endswith(marker[:size]):
+                    end -= size
+                    break
+        return end
+
+
