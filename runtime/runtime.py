@@ -52,7 +52,7 @@ def choose_provider(profile, providers: list[str] | None, strict: bool) -> str:
 
 class Runtime:
     def __init__(self, package, profile: str = "cpu-only", draft_len: int | None = None,
-                 providers: list[str] | None = None, strict: bool = False):
+                 providers: list[str] | None = None, strict: bool = False, threads: int | None = None):
         self.manifest = load_manifest(package)
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
@@ -64,7 +64,7 @@ class Runtime:
         self.provider = choose_provider(self.profile, providers, strict)
         for name in self.manifest.files:
             verify_file(self.manifest, name)
-        self.sessions = SessionFactory(self.profile.threads)
+        self.sessions = SessionFactory(threads or self.profile.threads)
         self.experts = ResidentExperts(self.manifest, self.sessions, self.provider)
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts)
         self.draft = ModelRunner(self.manifest, self.manifest.draft, self.sessions) if self.manifest.draft else None

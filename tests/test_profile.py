@@ -1,0 +1,186 @@
+"""Device profiles: shipped files, aliases, budgets and schema validation."""
+
+import copy
+
+import pytest
+import yaml
+
+from spac.runtime.profile import (ProfileError, available_profiles, load_profile,
+                                  profile_from_dict, save_profile)
+
+SHIPPED = ["cpu-only", "h100-budget", "jetson-orin-agx-64gb", "jetson-orin-nano-8gb",
+           "rtx4090-desktop"]
+GiB = 2**30
+
+
+def base() -> dict:
+    return {
+        "name": "test",
+        "providers": [{"name": "cuda", "options": {"device_id": 0}}, {"name": "cpu"}],
+        "memory": "discrete",
+        "budgets": {"device": "8GiB", "host": "50%"},
+        "links": {"storage_to_host_gbps": 2.0, "host_to_device_gbps": 25.0},
+        "experts": {"cuda": {"a_ms": 0.05, "b_ms_per_token_per_mb": 0.0001},
+                    "cpu": {"a_ms": 0.02, "b_ms_per_token_per_mb": 0.004, "ms_per_mb": 0.05}},
+        "threads": 4, "draft_len": 8, "policy": "spac", "estimator": "spac-counter",
+        "balancer": {"solver": "CBC", "time_limit_ms": 30},
+    }
+
+
+def with_change(path: str, value) -> dict:
+    data = copy.deepcopy(base())
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return data
+
+
+def test_every_shipped_profile_loads():
+    assert available_profiles() == SHIPPED
+    for name in SHIPPED:
+        profile = load_profile(name)
+        assert profile.name == name
+        assert profile.has_gpu == (name != "cpu-only")
+        assert profile.to_dict() == profile_from_dict(profile.to_dict()).to_dict()
+
+
+def test_jetson_orin_is_the_agx_alias():
+    assert load_profile("jetson-orin") == load_profile("jetson-orin-agx-64gb")
+    assert load_profile("jetson-orin").memory == "unified"
+
+
+def test_unknown_name_lists_the_available_ones():
+    with pytest.raises(ProfileError) as err:
+        load_profile("pdp-11")
+    for name in SHIPPED + ["jetson-orin"]:
+        assert name in str(err.value)
+
+
+def test_cpu_only_profile():
+    p = load_profile("cpu-only")
+    assert [s.name for s in p.providers] == ["cpu"]
+    assert (p.policy, p.draft_len, p.threads) == ("spac", 4, 2)
+    assert p.budget_bytes("host", 10_000) == 10_000  # 100 %
+    assert p.budget_bytes("device", 10_000) == 0  # no device tier
+
+
+def test_budget_forms():
+    p = profile_from_dict(base())
+    experts, trunk = 40 * GiB, 2 * GiB
+    assert p.budget_bytes("device", experts, trunk_bytes=trunk) == 6 * GiB  # trunk counted in
+    assert p.budget_bytes("host", experts, trunk_bytes=trunk) == 20 * GiB  # fraction: experts
+    for text, nbytes in [("512MiB", 512 * 2**20), ("2 GB", 2 * 10**9), (1234, 1234)]:
+        assert profile_from_dict(with_change("budgets.device", text)).budgets["device"].nbytes \
+            == nbytes
+    assert profile_from_dict(with_change("budgets.host", 0.17)).budget_bytes("host", 100) == 17
+    assert profile_from_dict(with_change("budgets.host", None)).budget_bytes("host", 100) is None
+
+
+def test_expert_time_and_transfer():
+    p = profile_from_dict(base())
+    assert p.expert_time_ms("cpu", 8, 10.0) == pytest.approx(0.02 + 10 * (0.05 + 0.004 * 8))
+    assert p.transfer_ms(25 * 10**6) == pytest.approx(1.0)  # 25 MB at 25 GB/s
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("colour", "blue", ["colour", "unknown key", "valid keys"]),
+    ("links.pcie_gbps", 16, ["links.pcie_gbps", "unknown key", "host_to_device_gbps"]),
+    ("threads", "four", ["threads", "expected an integer"]),
+    ("draft_len", 2.5, ["draft_len", "expected an integer"]),
+    ("budgets.host", -5, ["budgets.host", "negative"]),
+    ("budgets.device", "-1GiB", ["budgets.device", "negative"]),
+    ("budgets.device", "lots", ["budgets.device", "8GiB", "17%"]),
+    ("budgets.host", "150%", ["budgets.host", "100%"]),
+    ("memory", "shared", ["memory", "discrete", "unified"]),
+    ("policy", "fifo", ["policy", "spac", "lru", "static"]),
+    ("balancer.solver", "gurobi", ["balancer.solver", "CBC", "HiGHS", "greedy"]),
+    ("experts.cuda.a_ms", -1.0, ["experts.cuda.a_ms", "≥ 0"]),
+])
+def test_validation_names_file_field_and_valid_values(tmp_path, path, value, words):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_change(path, value)))
+    with pytest.raises(ProfileError) as err:
+        load_profile(bad)
+    message = str(err.value)
+    assert str(bad) in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_pieces():
+    data = base()
+    del data["experts"]["cuda"]
+    with pytest.raises(ProfileError, match="experts.cuda"):
+        profile_from_dict(data)
+    data = with_change("providers", [{"name": "cpu"}])
+    with pytest.raises(ProfileError, match="budgets.device"):  # no device tier without cuda
+        profile_from_dict(data)
+
+
+def test_too_small_budget_states_the_minimum():
+    p = profile_from_dict(with_change("budgets.device", "1GiB"))
+    trunk = 3 * GiB
+    with pytest.raises(ProfileError) as err:
+        p.validate_for_package(trunk_bytes=trunk, total_expert_bytes=40 * GiB)
+    assert "budgets.device" in str(err.value)
+    assert f"minimum is {trunk} bytes" in str(err.value)
+    p.validate_for_package(trunk_bytes=GiB // 2, total_expert_bytes=40 * GiB)  # fits
+
+
+def test_save_is_atomic_and_reloads(tmp_path):
+    out = tmp_path / "mine.yaml"
+    save_profile(profile_from_dict(base()), out, header="# measured\n")
+    assert out.read_text().startswith("# measured\n")
+    assert load_profile(out).to_dict() == profile_from_dict(base()).to_dict()
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------
+# spac-profile
+
+
+def test_cli_list_and_show(capsys):
+    from spac.runtime.profile_cli import main
+
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "jetson-orin-agx-64gb (alias: jetson-orin)" in listed
+    assert main(["show", "jetson-orin", "--expert-bytes", "9437184",
+                 "--total-expert-bytes", "58GB", "--trunk-bytes", "2GiB"]) == 0
+    shown = capsys.readouterr().out
+    assert "CUDAExecutionProvider" in shown and "unified" in shown
+    assert "expert cache 22.00 GiB" in shown  # the 24 GiB device budget less the trunk
+    assert main(["show", "nope"]) == 2
+
+
+def test_calibrate_measures_and_writes_a_valid_profile(tmp_path):
+    from spac.runtime.profile_cli import calibrate
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    for i in range(3):
+        (package / f"expert{i}.bin").write_bytes(bytes(4 * 2**20))
+    mb = 10**6
+    timers = {"cpu": lambda tokens: (0.5 + 0.1 * tokens) / 1000}  # seconds
+    out = tmp_path / "here.yaml"
+    profile = calibrate(out, package, load_profile("cpu-only"), timers, expert_bytes=5 * mb,
+                        log=lambda *_: None)
+    assert load_profile(out).to_dict() == profile.to_dict()
+    assert profile.name == "here" and profile.links.storage_to_host_gbps > 0
+    cost = profile.expert_costs["cpu"]
+    assert cost.time_ms(8, 5.0) == pytest.approx(0.5 + 0.8)
+    assert profile.links.host_to_device_gbps is None  # no GPU here: n/a
+
+
+def test_calibrate_keeps_unmeasured_costs_and_says_so(tmp_path):
+    from spac.runtime.profile_cli import main
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "weights.bin").write_bytes(bytes(2**20))
+    out = tmp_path / "mine.yaml"
+    assert main(["calibrate", "--package", str(package), "--out", str(out)]) == 0
+    assert "experts.cpu: copied from cpu-only, not measured" in out.read_text()
+    assert load_profile(out).expert_costs == load_profile("cpu-only").expert_costs
