@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .expert_graph import build_expert_graph
 from .sessions import SessionFactory
 
 
@@ -59,6 +60,9 @@ class ResidentExperts:
                 if progress:
                     progress()
 
+    def reset_stats(self) -> None:
+        self.stats = ExpertStats()
+
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
         out = np.zeros_like(x)
         for expert, (rows, slots) in group_by_expert(topk_ids).items():
@@ -67,3 +71,17 @@ class ResidentExperts:
             self.stats.calls[self.provider] += 1
             self.stats.tokens[self.provider] += len(rows)
         return out
+
+
+class ExpertKernel:
+    """Computes any expert of the model from weights passed as inputs: one session per provider
+    serves every expert, so paged-in weights need no session of their own."""
+
+    def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu"):
+        dims = manifest.target.dims
+        graph = build_expert_graph(manifest.target.experts.spec, dims["hidden_size"],
+                                   dims["expert_intermediate_size"], manifest.dtype, data_file=None)
+        self.session = sessions.create(graph.SerializeToString(), provider)
+
+    def run(self, x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, {"x": x, **weights})[0]

@@ -35,11 +35,14 @@ class SessionFactory:
             self.options.inter_op_num_threads = 1
         self.provider_options = provider_options or {}
 
-    def create(self, path: str | os.PathLike, provider: str = "cpu") -> ort.InferenceSession:
+    def create(self, model: str | os.PathLike | bytes, provider: str = "cpu") -> ort.InferenceSession:
+        """A session for a model file, or for a serialized model (bytes)."""
         providers = [(PROVIDERS[provider], self.provider_options.get(provider, {}))]
         if provider != "cpu":
             providers.append((PROVIDERS["cpu"], {}))
-        session = ort.InferenceSession(str(path), self.options, providers=providers)
+        source = model if isinstance(model, bytes) else str(model)
+        session = ort.InferenceSession(source, self.options, providers=providers)
         if PROVIDERS[provider] not in session.get_providers():
-            raise ProviderUnavailable(f"{PROVIDERS[provider]} could not be used for {path}")
+            name = "an in-memory graph" if isinstance(model, bytes) else model
+            raise ProviderUnavailable(f"{PROVIDERS[provider]} could not be used for {name}")
         return session

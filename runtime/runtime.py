@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from spac.ops.experts import ResidentExperts
+from spac.ops.pager import PagedExperts
 from spac.ops.sessions import SessionFactory, cuda_available
 
-from .manifest import ManifestError, load_manifest, verify_file
+from .estimator import make_estimator
+from .manifest import load_manifest, verify_file
 from .model import ModelRunner
 from .profile import load_profile
 from .speculative import Decoder, Sampler
@@ -52,7 +54,12 @@ def choose_provider(profile, providers: list[str] | None, strict: bool) -> str:
 
 class Runtime:
     def __init__(self, package, profile: str = "cpu-only", draft_len: int | None = None,
-                 providers: list[str] | None = None, strict: bool = False, threads: int | None = None):
+                 providers: list[str] | None = None, strict: bool = False, threads: int | None = None,
+                 policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
+                 static_frequencies=None):
+        """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
+        override the profile's; `static_frequencies[layer, expert]` (routing counts from an
+        earlier run) choose the `static` policy's resident set."""
         self.manifest = load_manifest(package)
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
@@ -62,15 +69,33 @@ class Runtime:
         if self.manifest.draft is None:
             self.draft_len = 0
         self.provider = choose_provider(self.profile, providers, strict)
-        for name in self.manifest.files:
-            verify_file(self.manifest, name)
         self.sessions = SessionFactory(threads or self.profile.threads)
-        self.experts = ResidentExperts(self.manifest, self.sessions, self.provider)
+        self.experts = self._experts(policy or self.profile.policy, host_budget, estimator or self.profile.estimator,
+                                     static_frequencies)
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts)
         self.draft = ModelRunner(self.manifest, self.manifest.draft, self.sessions) if self.manifest.draft else None
         self.tokenizer = TextTokenizer(self.manifest)
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.last_result: GenerationResult | None = None
+
+    def _experts(self, policy: str, host_budget, estimator: str, static_frequencies):
+        """Every expert resident when the host budget holds them all, else the pager."""
+        manifest = self.manifest
+        total = manifest.expert_bytes_total()
+        if host_budget is None:
+            budget = self.profile.budget_bytes("host", total, manifest.trunk_bytes())
+        else:
+            budget = int(host_budget * total) if isinstance(host_budget, float) else int(host_budget)
+        paged = budget is not None and budget < total
+        for name in manifest.files:  # paged expert files are checked as they are first read
+            if not (paged and name.endswith(".data")):
+                verify_file(manifest, name)
+        if not paged:
+            return ResidentExperts(manifest, self.sessions, self.provider)
+        moe = manifest.target
+        utility = make_estimator(estimator, moe.dims["num_layers"], moe.dims["num_experts"])
+        return PagedExperts(manifest, self.sessions, budget, policy, utility, static_frequencies,
+                            verify=lambda name, data: verify_file(manifest, name, data))
 
     def __enter__(self) -> "Runtime":
         return self
@@ -79,7 +104,9 @@ class Runtime:
         self.close()
 
     def close(self) -> None:
-        """Release the sessions and expert weights."""
+        """Stop the prefetch worker and release the sessions and expert weights."""
+        if self.experts is not None and hasattr(self.experts, "close"):
+            self.experts.close()
         self.experts = self.target = self.draft = None
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -100,7 +127,7 @@ class Runtime:
         draft_len = self.draft_len if speculative else 0
         text = _TextAssembler(self.tokenizer, stop or [])
         result = self.last_result = GenerationResult("", [])
-        calls_before = self.experts.stats.as_dict()
+        self.experts.reset_stats()  # stats are per generation; cached experts stay
         started = time.perf_counter()
         prefill_seconds = None
         generated: list[int] = []
@@ -120,8 +147,7 @@ class Runtime:
             result.interrupted = True
             raise
         finally:
-            result.stats = self._stats(decoder, started, prefill_seconds, len(generated), len(prompt_ids),
-                                       calls_before)
+            result.stats = self._stats(decoder, started, prefill_seconds, len(generated), len(prompt_ids))
 
     def _admit(self, new: list[int], generated: list[int], limit: int) -> bool:
         """Append new tokens up to the limit and the first end-of-sequence token; True when done."""
@@ -144,13 +170,11 @@ class Runtime:
                                   "tokens, which must also hold at least one new token")
         return prompt_ids
 
-    def _stats(self, decoder: Decoder, started: float, prefill_seconds, new_tokens: int, prompt_tokens: int,
-               calls_before: dict) -> dict:
+    def _stats(self, decoder: Decoder, started: float, prefill_seconds, new_tokens: int, prompt_tokens: int) -> dict:
         total = time.perf_counter() - started
         prefill = prefill_seconds if prefill_seconds is not None else total
         decode = total - prefill
-        calls = self.experts.stats.as_dict()
-        expert_calls = {ep: n - calls_before["calls"].get(ep, 0) for ep, n in calls["calls"].items()}
+        paging = self.experts.paging.as_dict() if hasattr(self.experts, "paging") else RESIDENT_PAGING
         return {
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "prefill_seconds": prefill, "decode_seconds": decode,
@@ -158,11 +182,15 @@ class Runtime:
             "tokens_per_second": (new_tokens - 1) / decode if decode > 0 and new_tokens > 1 else 0.0,
             **decoder.stats.as_dict(),
             "draft_len": self.draft_len if decoder.draft else 0,
-            "expert_calls": expert_calls,
-            "expert_hit_rate": 1.0,  # every expert is resident: no miss is possible
-            "bytes_paged": 0,
+            "expert_calls": dict(self.experts.stats.calls),
+            **paging,
+            "policy": getattr(self.experts, "policy", "resident"),
             "provider": self.provider,
         }
+
+
+# Every expert resident: no miss, no paging.
+RESIDENT_PAGING = {"expert_hit_rate": 1.0, "bytes_paged": 0, "stall_seconds": 0.0}
 
 
 class _TextAssembler:
