@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -59,6 +60,9 @@ def read_config(path: Path, role: str):
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, json.JSONDecodeError) as error:
+        model_type = _declared_model_type(path)
+        if model_type is not None:  # a model_type transformers does not know: name the supported ones
+            family_for(SimpleNamespace(model_type=model_type), draft=role == "draft")
         raise ExportError(f"{path / 'config.json'} cannot be read as a transformers config: {error}") from None
     architectures = getattr(config, "architectures", None) or []
     if not any(name.endswith("ForCausalLM") for name in architectures):
@@ -67,12 +71,20 @@ def read_config(path: Path, role: str):
     return config
 
 
+def _declared_model_type(path: Path) -> str | None:
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
 def check_output(output: Path, force: bool) -> None:
     if output.exists() and not force:
         raise ExportError(f"output {output} already exists; pass --force to replace it")
     parent = output.parent
     if not parent.is_dir():
-        raise ExportError(f"output folder {parent} does not exist")
+        raise ExportError(f"output folder {parent} " + ("is not a directory" if parent.exists() else "does not exist"))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"output folder {parent} is not writable")
 
@@ -176,6 +188,7 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
     check_output(output, options.force)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the package should not be
     try:
         model, draft = load_model(model_dir, options.dtype), load_model(draft_dir, options.dtype)
         moe_layers = [i for i, layer in enumerate(model.model.layers) if family.is_moe_layer(layer)]
@@ -211,6 +224,12 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(output, manifest, time.perf_counter() - started, verification)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(tmp: Path, output: Path) -> None:
