@@ -47,11 +47,16 @@ class PagingStats:
     prefetch_used: int = 0
     prefetch_dropped: int = 0
     stall_seconds: float = 0.0
+    device_hits: int = 0
+    device_fetches: int = 0
+    device_bytes_copied: int = 0
 
     def as_dict(self) -> dict:
         lookups = self.host_hits + self.host_misses
         return {
-            "tiers": {"host": {"hits": self.host_hits, "misses": self.host_misses},
+            "tiers": {"device": {"hits": self.device_hits, "fetches": self.device_fetches,
+                                 "bytes_copied": self.device_bytes_copied},
+                      "host": {"hits": self.host_hits, "misses": self.host_misses},
                       "storage": {"reads": self.storage_reads, "bytes_read": self.storage_bytes_read}},
             "expert_hit_rate": self.host_hits / lookups if lookups else 1.0,
             "bytes_paged": self.storage_bytes_read,
@@ -105,6 +110,37 @@ class PrefetchRequest:
     expert: int = field(compare=False)
 
 
+class DeviceSlots:
+    """The device tier: a fixed number of expert slots in the memory of the kernel's provider
+    (GPU memory on the CUDA EP). A fetch copies host weights in, evicting the lowest-utility
+    slot outside the layer being computed."""
+
+    def __init__(self, kernel: ExpertKernel, capacity: int):
+        self.kernel, self.capacity = kernel, capacity
+        self.slots: dict[tuple[int, int], tuple[dict, float]] = {}
+
+    def resident(self, layer: int) -> set[int]:
+        return {expert for (slot_layer, expert) in self.slots if slot_layer == layer}
+
+    def free(self) -> int:
+        return self.capacity - len(self.slots)
+
+    def fetch(self, key, weights: dict, utility: float) -> bool:
+        if key in self.slots:
+            return True
+        if not self.free():
+            evictable = [(slot_utility, slot_key) for slot_key, (_, slot_utility) in self.slots.items()
+                         if slot_key[0] != key[0]]
+            if not evictable:
+                return False
+            del self.slots[min(evictable)[1]]
+        self.slots[key] = (self.kernel.to_device(weights), utility)
+        return True
+
+    def run(self, key, x: np.ndarray) -> np.ndarray:
+        return self.kernel.run(x, self.slots[key][0])
+
+
 STOP = PrefetchRequest(float("-inf"), -1, -1, -1)  # served before any real request
 
 
@@ -113,7 +149,10 @@ class PagedExperts:
     spac.ops.experts.ResidentExperts."""
 
     def __init__(self, manifest, sessions, budget_bytes: int, policy: str = "spac", estimator=None,
-                 frequencies: np.ndarray | None = None, verify=None):
+                 frequencies: np.ndarray | None = None, verify=None, device: DeviceSlots | None = None,
+                 planner=None):
+        """`device` is the GPU tier and `planner` the workload balancer (plan_for(layer, counts,
+        resident, free_slots) -> LayerPlan); without them every expert runs on the CPU."""
         if policy not in POLICIES:
             raise ValueError(f"unknown paging policy {policy!r}; valid: {', '.join(POLICIES)}")
         if policy == "spac" and estimator is None:
@@ -137,6 +176,7 @@ class PagedExperts:
         self.closed = False
         if policy == "static":
             self._fill_static(frequencies)
+        self.device, self.planner = device, planner
         self.worker = None
         if policy == "spac" and self.capacity:
             self.worker = threading.Thread(target=self._prefetch_loop, name="spac-prefetch", daemon=True)
@@ -153,16 +193,37 @@ class PagedExperts:
         groups = group_by_expert(topk_ids)
         for expert, (rows, _) in groups.items():
             self.counts[layer, expert] += len(rows)
+        on_device = self._plan(layer).gpu if self.planner and self.device else frozenset()
         out = np.zeros_like(x)
         for expert, (rows, slots) in groups.items():
-            weights = self._weights(layer, expert)
-            out[rows] += self.kernel.run(x[rows], weights) * topk_weights[rows, slots, None]
-            self.stats.calls["cpu"] += 1
-            self.stats.tokens["cpu"] += len(rows)
+            key = (layer, expert)
+            if expert in on_device and self._on_device(key):
+                y, provider = self.device.run(key, x[rows]), self.device.kernel.provider
+            else:
+                y, provider = self.kernel.run(x[rows], self._weights(layer, expert)), "cpu"
+            out[rows] += y * topk_weights[rows, slots, None]
+            self.stats.calls[provider] += 1
+            self.stats.tokens[provider] += len(rows)
         self.computed.add(layer)  # evict-first from now until the next round's utilities
         if layer == self.moe_layers[-1]:
             self._end_pass()
         return out
+
+    def _plan(self, layer: int):
+        return self.planner.plan_for(layer, self.counts[layer], self.device.resident(layer),
+                                     free_slots=self.device.free())
+
+    def _on_device(self, key) -> bool:
+        """Make sure the expert is in a device slot (fetching it from the host tier if the plan
+        said so); False when no slot can be had, and the expert then runs on the CPU."""
+        if key in self.device.slots:
+            self.paging.device_hits += 1
+            return True
+        if not self.device.fetch(key, self._weights(*key), self._utility(key)):
+            return False
+        self.paging.device_fetches += 1
+        self.paging.device_bytes_copied += self.expert_bytes
+        return True
 
     def _begin_layer(self, layer: int) -> None:
         if layer == self.moe_layers[0]:
@@ -249,6 +310,9 @@ class PagedExperts:
 
     def _end_pass(self) -> None:
         """A verify pass finished: update utilities and queue the next round's prefetches."""
+        # Past the pass's last layer: no layer is being computed, so none is frozen while the
+        # draft runs, and every prefetch queued for this pass is stale.
+        self.current_layer = self.moe_layers[-1] + 1
         self.routing_totals += self.counts
         if self.estimator is not None:
             self.estimator.update(self.counts)
@@ -258,6 +322,9 @@ class PagedExperts:
                     slot.utility = float(utilities[key])
             if self.worker is not None:
                 self._queue_prefetches(utilities)
+        if self.planner and self.device:  # the next round's plan is solved while the draft runs
+            self.planner.submit(self.counts, [self.device.resident(l) for l in range(len(self.counts))],
+                                self.device.free())
         self.counts[:] = 0
 
     def _queue_prefetches(self, utilities: np.ndarray) -> None:
@@ -315,6 +382,8 @@ class PagedExperts:
 
     def close(self) -> None:
         self.closed = True
+        if self.planner is not None:
+            self.planner.close()
         if self.worker is not None:
             self.requests.put(STOP)
             self.worker.join(timeout=5)

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from spac.ops.experts import ResidentExperts
-from spac.ops.pager import PagedExperts
+from spac.ops.experts import ExpertKernel, ResidentExperts
+from spac.ops.pager import DeviceSlots, PagedExperts
 from spac.ops.sessions import SessionFactory, cuda_available
 
+from .balancer import Balancer
 from .estimator import make_estimator
 from .manifest import load_manifest, verify_file
 from .model import ModelRunner
@@ -79,23 +80,33 @@ class Runtime:
         self.last_result: GenerationResult | None = None
 
     def _experts(self, policy: str, host_budget, estimator: str, static_frequencies):
-        """Every expert resident when the host budget holds them all, else the pager."""
+        """Every expert resident when the host budget holds them all and there is no GPU tier to
+        manage; otherwise the pager, with the device tier and the balancer on a CUDA profile."""
         manifest = self.manifest
         total = manifest.expert_bytes_total()
         if host_budget is None:
             budget = self.profile.budget_bytes("host", total, manifest.trunk_bytes())
         else:
             budget = int(host_budget * total) if isinstance(host_budget, float) else int(host_budget)
-        paged = budget is not None and budget < total
+        gpu = self.provider == "cuda"
+        paged = gpu or (budget is not None and budget < total)
         for name in manifest.files:  # paged expert files are checked as they are first read
             if not (paged and name.endswith(".data")):
                 verify_file(manifest, name)
         if not paged:
             return ResidentExperts(manifest, self.sessions, self.provider)
         moe = manifest.target
-        utility = make_estimator(estimator, moe.dims["num_layers"], moe.dims["num_experts"])
-        return PagedExperts(manifest, self.sessions, budget, policy, utility, static_frequencies,
-                            verify=lambda name, data: verify_file(manifest, name, data))
+        layers, experts, expert_bytes = max(moe.moe_layers) + 1, moe.dims["num_experts"], moe.experts.bytes_per_expert
+        device = planner = None
+        if gpu:
+            device_budget = self.profile.budget_bytes("device", total, manifest.trunk_bytes())
+            slots = layers * experts if device_budget is None else device_budget // expert_bytes
+            device = DeviceSlots(ExpertKernel(manifest, self.sessions, "cuda"), slots)
+            planner = Balancer(self.profile, layers, experts, expert_bytes)
+        return PagedExperts(manifest, self.sessions, total if budget is None else budget, policy,
+                            make_estimator(estimator, layers, experts), static_frequencies,
+                            verify=lambda name, data: verify_file(manifest, name, data), device=device,
+                            planner=planner)
 
     def __enter__(self) -> "Runtime":
         return self
@@ -136,7 +147,7 @@ class Runtime:
             prefill_seconds = time.perf_counter() - started
             while True:
                 done = self._admit(new, generated, limit)
-                piece = text.add(generated)
+                piece = text.add(generated, final=done)
                 result.text, result.token_ids = text.text, list(generated)
                 if piece:
                     yield piece
@@ -201,14 +212,15 @@ class _TextAssembler:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.text, self.emitted, self.stopped = "", 0, False
 
-    def add(self, ids: list[int]) -> str:
+    def add(self, ids: list[int], final: bool = False) -> str:
+        """The next piece of text; `final` (no more tokens will come) releases what was held back."""
         full = self.tokenizer.decode(ids)
         for marker in self.stop:
             cut = full.find(marker)
             if cut >= 0:
                 full, self.stopped = full[:cut], True
         self.text = full
-        safe = len(full) if self.stopped else self._safe_length(full)
+        safe = len(full) if self.stopped or final else self._safe_length(full)
         piece, self.emitted = full[self.emitted:safe], max(self.emitted, safe)
         return piece
 
