@@ -42,7 +42,8 @@ def verify_package(package, model, draft, prompt_len: int = 16, decode_steps: in
     manifest = load_manifest(package)
     sessions = SessionFactory()
     prompt = np.random.default_rng(seed).integers(0, manifest.target.dims["vocab_size"], prompt_len)
-    experts = ResidentExperts(manifest, sessions)
+    # One expert session at a time: the transformers model already holds every weight in memory.
+    experts = ResidentExperts(manifest, sessions, preload=False)
     target = ModelRunner(manifest, manifest.target, sessions, experts)
     draft_runner = ModelRunner(manifest, manifest.draft, sessions)
     tolerance = TOLERANCE[manifest.dtype]

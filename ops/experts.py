@@ -46,19 +46,24 @@ def expert_counts(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
 class ResidentExperts:
     """Every routed expert of the model held as its own in-graph-weights session (the fastest way
     to run an expert on ORT: weights inside the graph get MLAS prepacking). Used when the whole
-    model fits the budget; the pager serves the case where it does not."""
+    model fits the budget; the pager serves the case where it does not.
 
-    def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", progress=None):
-        experts = manifest.target.experts
-        self.provider = provider
+    With preload=False each expert's session is opened when it is routed to and dropped right
+    after: the exporter's check runs beside the loaded transformers model and must not hold a
+    second copy of every expert."""
+
+    def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", preload: bool = True):
+        self.manifest, self.factory, self.provider = manifest, sessions, provider
         self.stats = ExpertStats()
         self.sessions = {}
-        for layer in manifest.target.moe_layers:
-            for expert in range(manifest.target.dims["num_experts"]):
-                path = manifest.root / experts.path(layer, expert, ".onnx")
-                self.sessions[layer, expert] = sessions.create(path, provider)
-                if progress:
-                    progress()
+        if preload:
+            for layer in manifest.target.moe_layers:
+                for expert in range(manifest.target.dims["num_experts"]):
+                    self.sessions[layer, expert] = self._open(layer, expert)
+
+    def _open(self, layer: int, expert: int):
+        return self.factory.create(self.manifest.root / self.manifest.target.experts.path(layer, expert, ".onnx"),
+                                   self.provider)
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats()
@@ -66,8 +71,8 @@ class ResidentExperts:
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
         out = np.zeros_like(x)
         for expert, (rows, slots) in group_by_expert(topk_ids).items():
-            y = self.sessions[layer, expert].run(None, {"x": x[rows]})[0]
-            out[rows] += y * topk_weights[rows, slots, None]
+            session = self.sessions.get((layer, expert)) or self._open(layer, expert)
+            out[rows] += session.run(None, {"x": x[rows]})[0] * topk_weights[rows, slots, None]
             self.stats.calls[self.provider] += 1
             self.stats.tokens[self.provider] += len(rows)
         return out

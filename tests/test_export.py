@@ -1,0 +1,276 @@
+"""Tests for spac-export: each family's package reproduces its model and matches its manifest,
+the CLI runs end to end, and bad input gives one clear error and leaves nothing behind.
+
+Each family is exported once per session (the `exported` fixture, ~30 s each); the CLI tests use
+a one-layer model with four experts, the cheapest real export. Bad-input cases must be caught
+before any model is loaded, which the tests enforce by making loading fail.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from make_models import FAMILIES, build_tokenizer, make_model
+from transformers import AutoModelForCausalLM
+
+from spac.export import cli, package
+from spac.runtime.manifest import MANIFEST, load_manifest, verify_file
+
+TOLERANCE = 1e-4
+SPAC_EXPORT = Path(sysconfig.get_path("scripts")) / "spac-export"
+
+
+def relative_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def tree(root: Path) -> list[str]:
+    """Everything under root (files and folders, hidden ones too), to see what an export left."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under root with its contents (None for a folder)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+# --- every family's package -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_package_reproduces_model_logits(family, exported, record_property):
+    report = exported(family).verification
+    record_property("target_max_abs_diff", report["target_max_abs_diff"])
+    record_property("draft_max_abs_diff", report["draft_max_abs_diff"])
+    assert (report["prompt_tokens"], report["decode_steps"]) == (16, 8)
+    assert report["passed"]
+    assert report["target_max_abs_diff"] <= TOLERANCE
+    assert report["draft_max_abs_diff"] <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_package_files_match_manifest(family, exported):
+    manifest = load_manifest(exported(family).output)
+    target, experts = manifest.target, manifest.target.experts
+    expert_ids = [(layer, expert) for layer in target.moe_layers for expert in range(target.dims["num_experts"])]
+    assert expert_ids
+    expert_files = {experts.path(layer, expert, suffix) for layer, expert in expert_ids for suffix in (".onnx", ".data")}
+    on_disk = relative_files(manifest.root)
+    assert {name for name in on_disk if name.startswith("target/experts/")} == expert_files
+    assert experts.bytes_per_expert == sum(tensor["nbytes"] for tensor in experts.tensors)
+    for layer, expert in expert_ids:
+        assert manifest.files[experts.path(layer, expert, ".data")]["bytes"] == experts.bytes_per_expert
+    assert set(manifest.files) == on_disk - {MANIFEST}
+    for name in manifest.files:
+        verify_file(manifest, name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_graph_computes_the_hf_expert(family, exported, model_pair):
+    """One expert's .onnx, run by plain onnxruntime, against the model's own Experts module with
+    every token routed to that expert at weight 1.0 (so the layout, interleaving and biases of
+    each family are the module's business, not re-derived here)."""
+    manifest = load_manifest(exported(family).output)
+    model = AutoModelForCausalLM.from_pretrained(model_pair(family)[0], dtype=torch.float32)
+    moe_layers = [index for index, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert manifest.target.moe_layers == moe_layers
+    layer, expert = moe_layers[-1], manifest.target.dims["num_experts"] - 1
+    # Inputs well above the hidden states' scale, so GPT-OSS's clamp (limit 0.2) bites.
+    x = 4 * torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model.model.layers[layer].mlp.experts(x, torch.full((7, 1), expert), torch.ones(7, 1)).numpy()
+    path = manifest.root / manifest.target.experts.path(layer, expert, ".onnx")
+    ours = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.abs(theirs).max() > 1e-3  # a real output, not zeros
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_pair(tmp_path_factory):
+    """A one-layer qwen3_moe with four experts and a one-layer draft sharing its tokenizer."""
+    root = tmp_path_factory.mktemp("small")
+    return (make_model("qwen3_moe", root / "model", num_hidden_layers=1, num_experts=4),
+            make_model("qwen3", root / "draft", num_hidden_layers=1))
+
+
+def export_args(model, draft, output, *flags) -> list[str]:
+    return [str(model), "--draft", str(draft), "-o", str(output), "--quiet", *flags]
+
+
+def test_cli_exports_verifies_and_force_replaces_the_old_package_whole(small_pair, tmp_path):
+    output = tmp_path / "pkg"
+    output.mkdir()
+    (output / "stale.txt").write_text("left by an earlier export")
+    done = subprocess.run([str(SPAC_EXPORT), *export_args(*small_pair, output, "--force")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for row in ("layers", "experts", "bytes per expert", "total bytes", "files"):
+        assert re.search(rf"^{row}\s", done.stdout, re.M), done.stdout
+    assert re.search(r"^verification\s+passed: max abs logit diff target \S+, draft \S+", done.stdout, re.M)
+    assert not (output / "stale.txt").exists()
+    manifest = load_manifest(output)
+    for name in manifest.files:
+        verify_file(manifest, name)
+    assert os.listdir(tmp_path) == ["pkg"]  # no .partial- or .old- folder beside it
+
+
+def test_no_verify_skips_verification(small_pair, tmp_path, capsys, monkeypatch):
+    def verify_package(*args):
+        raise AssertionError("verification ran despite --no-verify")
+
+    monkeypatch.setattr("spac.export.verify.verify_package", verify_package)
+    assert cli.main(export_args(*small_pair, tmp_path / "pkg", "--no-verify")) == 0
+    assert re.search(r"^verification\s+skipped", capsys.readouterr().out, re.M)
+    load_manifest(tmp_path / "pkg")
+
+
+def test_write_failing_mid_export_leaves_nothing_behind(small_pair, tmp_path, capsys, monkeypatch):
+    built = []
+
+    def build_expert_graph(*args, **kwargs):
+        if len(built) == 2:  # the third expert's .data is written, its .onnx fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    real_build = package.build_expert_graph
+    monkeypatch.setattr(package, "build_expert_graph", build_expert_graph)
+    code = cli.main(export_args(*small_pair, tmp_path / "pkg"))
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "spac-export: error:" in err and "No space left on device" in err
+    assert len(built) == 2
+    assert tree(tmp_path) == []
+
+
+# --- bad input: one clear error before any model is loaded, nothing left behind ----------------
+
+
+def a_file(path: Path) -> Path:
+    path.write_bytes(b"\0")
+    return path
+
+
+def empty_folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def config_only(path: Path, **config) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def without_weights(source: Path, path: Path, **changes) -> Path:
+    """A copy of a model directory's config and tokenizer, with `changes` to its config."""
+    shutil.copytree(source, path, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+    return path
+
+
+def other_tokenizer(tmp, model, draft):
+    """Same vocabulary size as the target's, different tokens (trained on another corpus)."""
+    path = without_weights(draft, tmp / "draft")
+    build_tokenizer(path, vocab_size=len(json.loads((draft / "tokenizer.json").read_text())["model"]["vocab"]),
+                    corpus_files=[Path(shutil.__file__)])
+    return {"draft": path}
+
+
+def read_only_output_folder(tmp, model, draft):
+    (tmp / "out").chmod(0o555)
+    if os.access(tmp / "out", os.W_OK):
+        pytest.skip("permissions do not bind this user (root): a read-only folder is still writable")
+    return {}
+
+
+def output_parent_is_a_file(tmp, model, draft):
+    (tmp / "out" / "file").write_text("not a folder")
+    return {"output": tmp / "out" / "file" / "pkg"}
+
+
+def existing_output(tmp, model, draft):
+    (tmp / "out" / "pkg").mkdir()
+    (tmp / "out" / "pkg" / "keep.txt").write_text("an earlier package")
+    return {}
+
+
+# name -> (setup(tmp, model, draft) -> the arguments it changes, fragments the error must contain)
+BAD_INPUTS = {
+    "model dir missing": (lambda tmp, model, draft: {"model": tmp / "no-such-model"},
+                          ["no-such-model", "does not exist"]),
+    "draft dir missing": (lambda tmp, model, draft: {"draft": tmp / "no-such-draft"},
+                          ["draft", "no-such-draft", "does not exist"]),
+    "model dir is a file": (lambda tmp, model, draft: {"model": a_file(tmp / "weights.bin")},
+                            ["weights.bin", "not a readable directory"]),
+    "no config.json": (lambda tmp, model, draft: {"model": empty_folder(tmp / "empty")},
+                       ["empty", "no config.json", "save_pretrained"]),
+    "not a causal LM": (lambda tmp, model, draft: {"model": config_only(tmp / "bert", model_type="bert",
+                                                                       architectures=["BertModel"])},
+                        ["not a causal language model", "BertModel", "ForCausalLM"]),
+    "dense target": (lambda tmp, model, draft: {"model": draft},
+                     ["'qwen3'", "not a Mixture-of-Experts model", "mixtral, qwen2_moe"]),
+    "MoE draft": (lambda tmp, model, draft: {"draft": model},
+                  ["unsupported architecture 'qwen3_moe'", "draft", "llama, qwen2, qwen3"]),
+    "unsupported MoE architecture": (
+        lambda tmp, model, draft: {"model": config_only(tmp / "granite", model_type="granitemoe",
+                                                        architectures=["GraniteMoeForCausalLM"])},
+        ["unsupported architecture 'granitemoe'", "supported: mixtral, qwen2_moe, qwen3_moe, olmoe"]),
+    "architecture unknown to transformers": (
+        lambda tmp, model, draft: {"model": without_weights(model, tmp / "made-up", model_type="zorblax_moe",
+                                                            architectures=["ZorblaxMoeForCausalLM"])},
+        ["unsupported architecture 'zorblax_moe'", "supported: mixtral, qwen2_moe, qwen3_moe, olmoe"]),
+    "draft vocabulary size differs": (
+        lambda tmp, model, draft: {"draft": without_weights(draft, tmp / "draft", vocab_size=1000)},
+        ["draft's vocabulary (1000 tokens", "differs from the target's", "share the tokenizer"]),
+    "draft tokenizer differs": (other_tokenizer, ["draft's tokenizer", "differs from the target's"]),
+    "output exists without --force": (existing_output, ["already exists", "--force"]),
+    "output folder read-only": (read_only_output_folder, ["out", "not writable"]),
+    "output parent is a file": (output_parent_is_a_file, ["file", "is not a directory"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_clear_error_and_leaves_nothing(case, small_pair, tmp_path, capsys, monkeypatch):
+    def load_model(*args):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(package, "load_model", load_model)
+    (tmp_path / "out").mkdir()
+    setup, fragments = BAD_INPUTS[case]
+    model, draft = small_pair
+    args = {"model": model, "draft": draft, "output": tmp_path / "out" / "pkg", **setup(tmp_path, model, draft)}
+    before = snapshot(tmp_path / "out")
+
+    code = cli.main(export_args(args["model"], args["draft"], args["output"]))
+
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(errors) == 1 and errors[0].startswith("spac-export: error: "), errors
+    for fragment in fragments:
+        assert fragment in errors[0]
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_moe_architecture_without_moe_layers_is_rejected_and_cleaned_up(tmp_path, small_pair, capsys):
+    """Caught only once the model is loaded, inside the temporary folder, which must go."""
+    model = make_model("qwen3_moe", tmp_path / "model", num_hidden_layers=1, num_experts=4, mlp_only_layers=[0])
+    (tmp_path / "out").mkdir()
+    assert cli.main(export_args(model, small_pair[1], tmp_path / "out" / "pkg")) == 2
+    assert "has no Mixture-of-Experts layer" in capsys.readouterr().err
+    assert tree(tmp_path / "out") == []
