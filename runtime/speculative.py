@@ -135,4 +135,6 @@ class Decoder:
         if self.sampler.rng.random() < min(1.0, p[token] / q[token]):
             return token
         residual = np.maximum(p - q, 0.0)
-        return self.sampler.draw(residual / residual.sum())
+        total = residual.sum()
+        # total is 0 only if rounding made p <= q everywhere: then p itself is the right law.
+        return self.sampler.draw(residual / total if total > 0 else p)

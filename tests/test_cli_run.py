@@ -1,0 +1,156 @@
+"""Tests for the spac-run command line, run as a subprocess like a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spac.runtime import Runtime
+
+FAMILY = "qwen3_moe"
+PROMPT = "def fibonacci(n):\n    "
+STATS_KEYS = ("tokens_per_second", "prefill_seconds", "decode_seconds", "acceptance_rate",
+              "mean_accepted_per_round", "expert_calls", "expert_hit_rate", "bytes_paged")
+
+
+def spac_run_command() -> list[str]:
+    script = Path(sys.executable).parent / "spac-run"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "spac.runtime.cli"]
+
+
+def spac_run(*args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([*spac_run_command(), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def package(exported):
+    return exported(FAMILY).output
+
+
+@pytest.fixture(scope="module")
+def python_result(package):
+    """result(max_new_tokens) -> the Python API's greedy result for PROMPT."""
+    results = {}
+    with Runtime(package) as runtime:
+        for count in (12, 240):
+            results[count] = runtime.generate(PROMPT, max_new_tokens=count, speculative=count < 100)
+    return results
+
+
+def test_help_mentions_options():
+    done = spac_run("--help", timeout=60)
+    assert done.returncode == 0
+    for option in ("--draft-len", "--json", "--package", "--profile", "--no-speculative", "--strict"):
+        assert option in done.stdout
+
+
+def test_json_output(package, python_result):
+    done = spac_run("--package", package, "--profile", "cpu-only", "--prompt", PROMPT,
+                    "--max-new-tokens", 12, "--json")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)  # exactly one JSON object, nothing else on stdout
+    assert payload["text"] == python_result[12].text
+    assert payload["token_ids"] == python_result[12].token_ids
+    for key in STATS_KEYS:
+        assert key in payload["stats"], key
+    assert payload["stats"]["expert_calls"].get("cpu", 0) > 0
+    assert payload["stats"]["new_tokens"] == 12
+    assert payload["interrupted"] is False
+
+
+def test_text_output_and_stats_line(package, python_result):
+    done = spac_run("--package", package, "--prompt", PROMPT, "--max-new-tokens", 12, "--draft-len", 2)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == python_result[12].text + "\n"
+    stats = [line for line in done.stderr.splitlines() if "tok/s" in line]
+    assert len(stats) == 1 and "acceptance" in stats[0] and "γ=2" in stats[0]
+
+
+def test_no_speculative(package, python_result):
+    done = spac_run("--package", package, "--prompt", PROMPT, "--max-new-tokens", 12, "--no-speculative", "--json")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["token_ids"] == python_result[12].token_ids
+    assert payload["stats"]["rounds"] == 0
+
+
+def test_errors_exit_2(tmp_path, package):
+    done = spac_run("--package", tmp_path / "missing", "--prompt", PROMPT, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("spac-run: error:") and "missing" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    done = spac_run("--package", package, "--profile", "no-such-device", "--prompt", PROMPT, timeout=60)
+    assert done.returncode == 2 and "spac-run: error:" in done.stderr and "cpu-only" in done.stderr
+
+    done = spac_run("--package", package, "--prompt", PROMPT, "--max-new-tokens", 0)
+    assert done.returncode == 2 and "spac-run: error:" in done.stderr and "max_new_tokens" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_strict_cuda_without_cuda(package):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA is available here")
+    done = spac_run("--package", package, "--prompt", PROMPT, "--providers", "cuda", "--strict", timeout=60)
+    assert done.returncode == 2 and "spac-run: error:" in done.stderr and "CUDA" in done.stderr
+    done = spac_run("--package", package, "--prompt", PROMPT, "--providers", "cuda", "--max-new-tokens", 2)
+    assert done.returncode == 0 and "CUDA" in done.stderr and "CPU" in done.stderr
+
+
+def test_ctrl_c_prints_partial_text_and_exits_130(package, python_result):
+    full = python_result[240]
+    assert len(full.token_ids) >= 150  # long enough that the interrupt lands mid-generation
+    process = subprocess.Popen([*spac_run_command(), "--package", str(package), "--prompt", PROMPT,
+                                "--max-new-tokens", "240"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Wait for the first streamed bytes: generation is under way, the handler is Python's.
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        assert ready, "spac-run printed nothing within 120 s"
+        first = os.read(process.stdout.fileno(), 1 << 16)
+        assert first
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    out, err = (first + rest).decode(), err.decode()
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "tok/s" in err
+    assert "Traceback" not in err
+    printed = out.removesuffix("\n")
+    assert printed and full.text.startswith(printed) and len(printed) < len(full.text)
+
+
+def test_ctrl_c_while_printing_in_process(package, python_result, monkeypatch, capsys):
+    """The interrupt can land in the CLI's own code (printing a piece), outside the generator: the
+    result still counts as interrupted, with its stats, and the exit code is 130."""
+    from spac.runtime import cli
+
+    printed = []
+
+    def interrupted_print(*args, **kwargs):
+        if kwargs.get("end") == "":
+            printed.append(args[0])
+            if len(printed) == 2:
+                raise KeyboardInterrupt
+        return print(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "print", interrupted_print, raising=False)
+    code = cli.main(["--package", str(package), "--prompt", PROMPT, "--max-new-tokens", "240"])
+    assert code == 130
+    out, err = capsys.readouterr()
+    assert out == printed[0] + "\n" and python_result[240].text.startswith(printed[0])
+    assert "[spac] interrupted" in err and "tok/s" in err
