@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from spac.runtime.manifest import ManifestError, load_manifest
 from spac.runtime.profile import (ALIASES, ExpertCost, Profile, ProfileError,
                                   available_profiles, format_bytes, load_profile, parse_bytes,
                                   save_profile)
@@ -90,6 +91,33 @@ def fit_expert_cost(timer: ExpertTimer, expert_bytes: int,
 
 def _significant(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")  # a plain float, readable in the YAML
+
+
+def package_expert_timers(manifest, threads: int) -> dict[str, ExpertTimer]:
+    """Timers of the package's first expert on each provider this machine has: the same kernel
+    the pager runs, fed weights read from the package."""
+    from spac.ops.experts import ExpertKernel
+    from spac.ops.pager import ExpertFiles
+    from spac.ops.sessions import SessionFactory, cuda_available
+
+    sessions = SessionFactory(threads)
+    weights = ExpertFiles(manifest).read(manifest.target.moe_layers[0], 0)
+    hidden = manifest.target.dims["hidden_size"]
+    dtype = next(iter(weights.values())).dtype
+    timers = {}
+    for ep in ["cpu"] + (["cuda"] if cuda_available() else []):
+        kernel = ExpertKernel(manifest, sessions, ep)
+        on_device = kernel.to_device(weights)
+
+        def timer(tokens: int, kernel=kernel, on_device=on_device) -> float:
+            x = np.ones((tokens, hidden), dtype=dtype)
+            began = time.perf_counter()
+            kernel.run(x, on_device)
+            return time.perf_counter() - began
+
+        timer(1)  # warm-up: first-run allocations
+        timers[ep] = timer
+    return timers
 
 
 def calibrate(out: str | Path, storage_dir: str | Path, base: Profile,
@@ -212,13 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(show(load_profile(args.name), args.expert_bytes, args.total_expert_bytes,
                        args.trunk_bytes))
         else:
-            if not args.package.is_dir():
-                raise ProfileError(f"package {args.package} is not a directory")
             base = load_profile(args.base)
-            # Expert timers need the package loader; until it is wired here the expert costs
-            # stay the base profile's, and the written file says so.
-            calibrate(args.out, args.package, base)
-    except ProfileError as err:
+            manifest = load_manifest(args.package)
+            calibrate(args.out, args.package, base, package_expert_timers(manifest, base.threads),
+                      manifest.target.experts.bytes_per_expert)
+    except (ProfileError, ManifestError) as err:
         print(f"spac-profile: {err}", file=sys.stderr)
         return 2
     return 0
