@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import queue
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +36,7 @@ from .expert_graph import ExpertTensor, weights_from_buffer
 from .experts import ExpertKernel, ExpertStats, group_by_expert
 
 POLICIES = ("lru", "static", "spac")
+READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants several in flight)
 
 
 @dataclass
@@ -177,6 +179,7 @@ class PagedExperts:
         if policy == "static":
             self._fill_static(frequencies)
         self.device, self.planner = device, planner
+        self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="spac-read")
         self.worker = None
         if policy == "spac" and self.capacity:
             self.worker = threading.Thread(target=self._prefetch_loop, name="spac-prefetch", daemon=True)
@@ -194,13 +197,34 @@ class PagedExperts:
         for expert, (rows, _) in groups.items():
             self.counts[layer, expert] += len(rows)
         on_device = self._plan(layer).gpu if self.planner and self.device else frozenset()
-        out = np.zeros_like(x)
-        for expert, (rows, slots) in groups.items():
+        # The whole layer's routing is known before any expert runs (with SD, γ+1 tokens' worth),
+        # so every miss is read at once, in parallel, while the cached experts compute.
+        weights, reads = {}, {}
+        for expert in groups:
             key = (layer, expert)
             if expert in on_device and self._on_device(key):
-                y, provider = self.device.run(key, x[rows]), self.device.kernel.provider
+                continue
+            weights[expert] = self._cached(key)
+            if weights[expert] is None:
+                self.paging.host_misses += 1
+                reads[expert] = self.readers.submit(self._read, layer, expert)
+        outputs = {}
+        for expert, (rows, _) in groups.items():
+            if expert in reads:
+                continue
+            if weights.get(expert) is None:
+                outputs[expert] = (self.device.run((layer, expert), x[rows]), self.device.kernel.provider)
             else:
-                y, provider = self.kernel.run(x[rows], self._weights(layer, expert)), "cpu"
+                outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
+        for expert, read in reads.items():
+            started = time.perf_counter()
+            weights[expert] = read.result()
+            self.paging.stall_seconds += time.perf_counter() - started
+            self._admit((layer, expert), weights[expert])
+            outputs[expert] = (self.kernel.run(x[groups[expert][0]], weights[expert]), "cpu")
+        out = np.zeros_like(x)
+        for expert, (rows, slots) in groups.items():  # ascending expert order, as transformers sums
+            y, provider = outputs[expert]
             out[rows] += y * topk_weights[rows, slots, None]
             self.stats.calls[provider] += 1
             self.stats.tokens[provider] += len(rows)
@@ -231,30 +255,38 @@ class PagedExperts:
             self.computed.clear()
         self.current_layer = layer
 
-    def _weights(self, layer: int, expert: int) -> dict:
-        key = (layer, expert)
+    def _cached(self, key) -> dict | None:
+        """The expert's weights from the host cache (waiting for the prefetch worker if it is
+        reading them right now), or None on a miss."""
         with self.lock:
             slot = self.cache.get(key)
             event = self.in_flight.get(key) if slot is None else None
-        if slot is None and event is not None:  # the worker is reading it right now: wait
+        if slot is None and event is not None:
             started = time.perf_counter()
             event.wait()
             self.paging.stall_seconds += time.perf_counter() - started
             with self.lock:
                 slot = self.cache.get(key)
-        if slot is not None:
-            with self.lock:
-                self.paging.host_hits += 1
-                if slot.prefetched:
-                    self.paging.prefetch_used += 1
-                    slot.prefetched = False
-                self.cache.move_to_end(key)
-            return slot.weights
-        self.paging.host_misses += 1
-        started = time.perf_counter()
-        weights = self._read(layer, expert)
-        self.paging.stall_seconds += time.perf_counter() - started
-        self._admit(key, weights)
+        if slot is None:
+            return None
+        with self.lock:
+            self.paging.host_hits += 1
+            if slot.prefetched:
+                self.paging.prefetch_used += 1
+                slot.prefetched = False
+            self.cache.move_to_end(key)
+        return slot.weights
+
+    def _weights(self, layer: int, expert: int) -> dict:
+        """The expert's weights from the cache, else read from storage now."""
+        key = (layer, expert)
+        weights = self._cached(key)
+        if weights is None:
+            self.paging.host_misses += 1
+            started = time.perf_counter()
+            weights = self._read(layer, expert)
+            self.paging.stall_seconds += time.perf_counter() - started
+            self._admit(key, weights)
         return weights
 
     def _read(self, layer: int, expert: int) -> dict:
@@ -380,10 +412,15 @@ class PagedExperts:
             error, self.worker_error = self.worker_error, None
             raise RuntimeError(f"the expert prefetch worker failed: {error}") from error
 
-    def close(self) -> None:
+    def stop_prefetching(self) -> None:
+        """Stop the prefetch worker; the pager still serves every expert, on demand."""
         self.closed = True
-        if self.planner is not None:
-            self.planner.close()
         if self.worker is not None:
             self.requests.put(STOP)
             self.worker.join(timeout=5)
+
+    def close(self) -> None:
+        self.stop_prefetching()
+        self.readers.shutdown(wait=True)
+        if self.planner is not None:
+            self.planner.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 DESCRIPTION = """\
@@ -17,7 +18,8 @@ profiles: cpu-only (default), jetson-orin-agx-64gb (alias jetson-orin), jetson-o
           rtx4090-desktop, h100-budget, or a path to a profile YAML (see spac-profile list)
 
 example:
-  spac-run --package packages/qwen3-moe --profile cpu-only --prompt "def fib(n):" --max-new-tokens 64"""
+  spac-run --package packages/qwen3-moe --profile cpu-only --prompt "def fib(n):" --max-new-tokens 64
+  spac-run --package packages/qwen3-moe --policy spac --host-budget 17% --prompt "import os" --json"""
 
 
 def parse_args(argv):
@@ -38,8 +40,26 @@ def parse_args(argv):
     parser.add_argument("--providers", default=None,
                         help="comma-separated execution providers for experts, e.g. cuda,cpu (default: profile's)")
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back when CUDA is missing")
+    parser.add_argument("--policy", choices=("lru", "static", "spac"), default=None,
+                        help="expert cache policy when the experts do not all fit (default: profile's)")
+    parser.add_argument("--host-budget", default=None,
+                        help="host RAM for the expert cache: a share of the expert bytes ('25%%', 0.25) or bytes "
+                             "of expert cache ('1048576', '512MiB'); below 100%% experts are paged from the "
+                             "package (default: profile's)")
+    parser.add_argument("--estimator", choices=("spac-counter", "decayed"), default=None,
+                        help="utility estimator of the spac policy (default: profile's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
     return parser.parse_args(argv)
+
+
+def parse_host_budget(text: str) -> float | int:
+    """A fraction of the expert bytes ('25%', '0.25') as a float, or bytes ('1048576', '512MiB') as an int,
+    read like a profile's budget."""
+    from .profile import _Reader
+
+    value = float(text) if re.fullmatch(r"\s*[0-9]*\.[0-9]+\s*", text) else text
+    budget = _Reader("--host-budget").budget(value, repr(text))
+    return budget.nbytes if budget.fraction is None else budget.fraction
 
 
 def stats_line(stats: dict) -> str:
@@ -60,8 +80,10 @@ def main(argv=None) -> int:
 
     providers = args.providers.split(",") if args.providers else None
     try:
+        host_budget = parse_host_budget(args.host_budget) if args.host_budget is not None else None
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
-                          strict=args.strict)
+                          strict=args.strict, policy=args.policy, host_budget=host_budget,
+                          estimator=args.estimator)
     except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)
         return 2
@@ -69,14 +91,21 @@ def main(argv=None) -> int:
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop=args.stop, speculative=args.speculative)
     code = 0
+    stream = runtime.stream(prompt, **request)
     try:
-        for piece in runtime.stream(prompt, **request):
+        for piece in stream:
             if not args.json:
                 print(piece, end="", flush=True)
     except (GenerationError, ValueError, TypeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # The interrupt may land outside the generator (here, while printing): close it so its
+        # stats are filled in, and mark the result interrupted ourselves.
+        stream.close()
+        if runtime.last_result is None or not runtime.last_result.stats:  # before generation began
+            return 130
+        runtime.last_result.interrupted = True
         code = 130
     result = runtime.last_result
     if args.json:

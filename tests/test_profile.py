@@ -174,13 +174,20 @@ def test_calibrate_measures_and_writes_a_valid_profile(tmp_path):
     assert profile.links.host_to_device_gbps is None  # no GPU here: n/a
 
 
-def test_calibrate_keeps_unmeasured_costs_and_says_so(tmp_path):
+def test_calibrate_measures_the_package_expert_and_writes_a_valid_profile(tmp_path, exported):
     from spac.runtime.profile_cli import main
 
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "weights.bin").write_bytes(bytes(2**20))
     out = tmp_path / "mine.yaml"
-    assert main(["calibrate", "--package", str(package), "--out", str(out)]) == 0
-    assert "experts.cpu: copied from cpu-only, not measured" in out.read_text()
-    assert load_profile(out).expert_costs == load_profile("cpu-only").expert_costs
+    assert main(["calibrate", "--package", str(exported("mixtral").output), "--out", str(out)]) == 0
+    measured = load_profile(out)
+    assert measured.expert_costs["cpu"] != load_profile("cpu-only").expert_costs["cpu"]
+    assert measured.expert_costs["cpu"].time_ms(8, 1.0) > 0
+    assert measured.links.storage_to_host_gbps > 0
+
+
+def test_calibrate_refuses_a_folder_that_is_no_package(tmp_path, capsys):
+    from spac.runtime.profile_cli import main
+
+    assert main(["calibrate", "--package", str(tmp_path), "--out", str(tmp_path / "mine.yaml")]) == 2
+    assert "manifest.yaml is missing" in capsys.readouterr().err
+    assert not (tmp_path / "mine.yaml").exists()
