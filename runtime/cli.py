@@ -87,12 +87,14 @@ def main(argv=None) -> int:
     except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while loading: nothing generated yet
+        return 130
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop=args.stop, speculative=args.speculative)
-    code = 0
-    stream = runtime.stream(prompt, **request)
+    code, stream = 0, None
     try:
+        stream = runtime.stream(prompt, **request)
         for piece in stream:
             if not args.json:
                 print(piece, end="", flush=True)
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         # The interrupt may land outside the generator (here, while printing): close it so its
         # stats are filled in, and mark the result interrupted ourselves.
-        stream.close()
+        if stream is not None:
+            stream.close()
         if runtime.last_result is None or not runtime.last_result.stats:  # before generation began
             return 130
         runtime.last_result.interrupted = True

@@ -16,15 +16,15 @@ from .manifest import Manifest, ModelSection
 
 class ModelRunner:
     def __init__(self, manifest: Manifest, section: ModelSection, sessions: SessionFactory, experts=None,
-                 on_routing=None):
+                 on_routing=None, provider: str = "cpu"):
         """`experts` runs a MoE layer's routed experts (spac.ops); `on_routing(layer, topk_ids)` sees
         every MoE layer's routing before its experts run (the pager's lookahead hook)."""
         root = manifest.root
         self.section = section
         self.dtype = DTYPES[manifest.dtype][0]
-        self.embed = sessions.create(root / section.embed)
-        self.head = sessions.create(root / section.head)
-        self.layers = [sessions.create(root / layer.file) for layer in section.layers]
+        self.embed = sessions.create(root / section.embed, provider)
+        self.head = sessions.create(root / section.head, provider)
+        self.layers = [sessions.create(root / layer.file, provider) for layer in section.layers]
         self.experts = experts
         self.on_routing = on_routing
         self.max_positions = section.dims["max_position_embeddings"]

@@ -73,8 +73,11 @@ class Runtime:
         self.sessions = SessionFactory(threads or self.profile.threads)
         self.experts = self._experts(policy or self.profile.policy, host_budget, estimator or self.profile.estimator,
                                      static_frequencies)
-        self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts)
-        self.draft = ModelRunner(self.manifest, self.manifest.draft, self.sessions) if self.manifest.draft else None
+        # The trunk and the draft run where the profile puts them: on the GPU when there is one.
+        self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts,
+                                  provider=self.provider)
+        self.draft = (ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
+                      if self.manifest.draft else None)
         self.tokenizer = TextTokenizer(self.manifest)
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.last_result: GenerationResult | None = None
@@ -129,12 +132,17 @@ class Runtime:
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None, speculative: bool = True) -> Iterator[str]:
         """Yields text pieces as tokens are accepted; the full result is then `last_result`.
-        On KeyboardInterrupt the partial result is kept in `last_result` and the runtime stays usable."""
+        On KeyboardInterrupt the partial result is kept in `last_result` and the runtime stays usable.
+        A bad request raises here, not at the first piece."""
         if self.target is None:
             raise RuntimeError("this Runtime is closed")
         prompt_ids = self._check_request(prompt, max_new_tokens)
+        sampler = Sampler(temperature, top_p, seed)
+        return self._pieces(prompt_ids, max_new_tokens, sampler, stop, speculative)
+
+    def _pieces(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop, speculative: bool):
         limit = min(max_new_tokens, self.context - len(prompt_ids))
-        decoder = Decoder(self.target, self.draft if speculative else None, Sampler(temperature, top_p, seed))
+        decoder = Decoder(self.target, self.draft if speculative else None, sampler)
         draft_len = self.draft_len if speculative else 0
         text = _TextAssembler(self.tokenizer, stop or [])
         result = self.last_result = GenerationResult("", [])
