@@ -199,22 +199,18 @@ class PagedExperts:
         on_device = self._plan(layer).gpu if self.planner and self.device else frozenset()
         # The whole layer's routing is known before any expert runs (with SD, γ+1 tokens' worth),
         # so every miss is read at once, in parallel, while the cached experts compute.
+        gpu = {expert for expert in groups if expert in on_device and self._on_device((layer, expert))}
         weights, reads = {}, {}
-        for expert in groups:
-            key = (layer, expert)
-            if expert in on_device and self._on_device(key):
-                continue
-            weights[expert] = self._cached(key)
+        for expert in sorted(groups.keys() - gpu):
+            weights[expert] = self._cached((layer, expert))
             if weights[expert] is None:
                 self.paging.host_misses += 1
                 reads[expert] = self.readers.submit(self._read, layer, expert)
         outputs = {}
         for expert, (rows, _) in groups.items():
-            if expert in reads:
-                continue
-            if weights.get(expert) is None:
+            if expert in gpu:
                 outputs[expert] = (self.device.run((layer, expert), x[rows]), self.device.kernel.provider)
-            else:
+            elif expert not in reads:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
         for expert, read in reads.items():
             started = time.perf_counter()
