@@ -3,7 +3,7 @@
 and benchmarks. No model hub is needed: every model comes from a config and is saved with
 `save_pretrained`, so it loads from its directory (`from_pretrained`) exactly like a user's model.
 
-    python scripts/make_models.py --family mixtral --out /tmp/mixtral --draft-family qwen3 --draft-out /tmp/draft
+    python scripts/make_models.py --family mixtral --out models/mixtral --draft-family qwen3 --draft-out models/draft
 
 From Python (this folder on sys.path):
 
