@@ -106,7 +106,10 @@ class Slot:
 
 @dataclass(order=True)
 class PrefetchRequest:
-    priority: float  # negated utility: the queue serves the highest utility first
+    # (layer, -utility): the next pass needs its first layer first, so the queue serves layers
+    # in order and, within a layer, the highest utility first.
+    order: tuple
+    utility: float = field(compare=False)
     pass_id: int = field(compare=False)
     layer: int = field(compare=False)
     expert: int = field(compare=False)
@@ -143,7 +146,7 @@ class DeviceSlots:
         return self.kernel.run(x, self.slots[key][0])
 
 
-STOP = PrefetchRequest(float("-inf"), -1, -1, -1)  # served before any real request
+STOP = PrefetchRequest((float("-inf"),), 0.0, -1, -1, -1)  # served before any real request
 
 
 class PagedExperts:
@@ -371,7 +374,8 @@ class PagedExperts:
             with self.lock:
                 if key in self.cache:
                     continue
-            self.requests.put(PrefetchRequest(-float(utilities[key]), self.pass_id + 1, *key))
+            utility = float(utilities[key])
+            self.requests.put(PrefetchRequest((key[0], -utility), utility, self.pass_id + 1, *key))
             self.paging.prefetch_issued += 1
 
     def _stale(self, request: PrefetchRequest) -> bool:
@@ -390,7 +394,7 @@ class PagedExperts:
                 with self.lock:
                     if key in self.cache or key in self.in_flight:
                         continue
-                    if len(self.cache) >= self.capacity and self._victim(-request.priority, self.current_layer) is None:
+                    if len(self.cache) >= self.capacity and self._victim(request.utility, self.current_layer) is None:
                         continue  # nothing cached is worth less than this expert
                     self.in_flight[key] = threading.Event()
                 try:
