@@ -292,17 +292,19 @@ def test_stale_prefetch_is_dropped(package, monkeypatch):
 
     monkeypatch.setattr(pager.files, "read", gated_read)
     try:
-        utilities.values[1, 6], utilities.values[0, 4] = 3, 2
+        utilities.values[0, 4], utilities.values[0, 5] = 3, 2
         run_layer(pager, 0, (0, 1))
-        run_layer(pager, 1, (2, 3))  # end of pass 1: prefetch (1, 6) then (0, 4) for pass 2
+        run_layer(pager, 1, (2, 3))  # end of pass 1: prefetch (0, 4) then (0, 5) for pass 2
         assert pager.paging.prefetch_issued == 2
-        run_layer(pager, 0, (0, 1))  # pass 2 starts layer 0 while the worker is held
+        wait_for(lambda: worker_reads == [(0, 4)])  # the worker is reading (0, 4), held
+        run_layer(pager, 0, (0, 1))  # pass 2 starts layer 0: (0, 5) is now too late
         gate.set()
         wait_for(lambda: pager.paging.prefetch_dropped == 1)
-        assert worker_reads == [(1, 6)]
-        assert (1, 6) in pager.cache and (0, 4) not in pager.cache
-        run_layer(pager, 1, (6, 2))
-        assert pager.paging.prefetch_used == 1
+        assert worker_reads == [(0, 4)], "the stale request was never read"
+        assert (0, 4) in pager.cache and (0, 5) not in pager.cache
+        run_layer(pager, 1, (2, 3))
+        run_layer(pager, 0, (4, 0))  # pass 3 uses what pass 2's prefetch brought
+        assert pager.paging.prefetch_used >= 1
     finally:
         gate.set()
         pager.close()
