@@ -80,7 +80,7 @@ def test_device_slots_never_evict_the_layer_being_computed(exported):
 def test_device_slots_are_lru_among_equal_utilities(exported):
     manifest = load_manifest(exported("mixtral").output)
     device = DeviceSlots(ExpertKernel(manifest, SessionFactory(threads=1), "cpu"), capacity=2)
-    weights = random_expert(manifest)
+    weights = zero_expert(manifest)
     device.fetch((0, 1), weights, utility=0.0)
     device.fetch((0, 2), weights, utility=0.0)
     device.run((0, 1), np.zeros((1, manifest.target.dims["hidden_size"]), np.float32))  # (0, 2) is now LRU
@@ -88,5 +88,5 @@ def test_device_slots_are_lru_among_equal_utilities(exported):
     assert set(device.slots) == {(0, 1), (1, 3)}
 
 
-def random_expert(manifest) -> dict:
+def zero_expert(manifest) -> dict:
     return {t["name"]: np.zeros(t["shape"], np.float32) for t in manifest.target.experts.tensors}
