@@ -187,8 +187,11 @@ class PagedExperts:
         self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="spac-read")
         self.worker = None
         if policy == "spac" and self.capacity:
-            self.worker = threading.Thread(target=self._prefetch_loop, name="spac-prefetch", daemon=True)
-            self.worker.start()
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        self.worker = threading.Thread(target=self._prefetch_loop, name="spac-prefetch", daemon=True)
+        self.worker.start()
 
     def reset_stats(self) -> None:
         self.stats, self.paging = ExpertStats(), PagingStats()
@@ -391,7 +394,8 @@ class PagedExperts:
                     return
                 key = (request.layer, request.expert)
                 if self._stale(request):
-                    self.paging.prefetch_dropped += 1
+                    with self.lock:  # the main thread counts too: keep += whole
+                        self.paging.prefetch_dropped += 1
                     continue
                 with self.lock:
                     if key in self.cache or key in self.in_flight:
@@ -402,7 +406,8 @@ class PagedExperts:
                 try:
                     weights = self._read(*key)
                     if not self._admit(key, weights, prefetched=True):
-                        self.paging.prefetch_dropped += 1
+                        with self.lock:
+                            self.paging.prefetch_dropped += 1
                 finally:
                     with self.lock:
                         self.in_flight.pop(key).set()
@@ -412,6 +417,7 @@ class PagedExperts:
     def _raise_worker_error(self) -> None:
         if self.worker_error is not None:
             error, self.worker_error = self.worker_error, None
+            self._start_worker()  # the caller hears of the failure once; later rounds prefetch again
             raise RuntimeError(f"the expert prefetch worker failed: {error}") from error
 
     def stop_prefetching(self) -> None:

@@ -340,6 +340,27 @@ def test_worker_exception_reaches_the_caller_within_one_round(package, monkeypat
         runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS)
     assert isinstance(raised.value.__cause__, OSError)
     assert pager.pass_id <= failed_in_pass[0] + 1
+    assert not pager.worker.is_alive(), "close() stopped the restarted worker too"
+
+
+def test_worker_is_restarted_after_its_error_reached_the_caller(package, monkeypatch):
+    runtime = Runtime(package(), draft_len=DRAFT_LEN, policy="spac", host_budget=0.5, estimator="decayed")
+    pager = runtime.experts
+    read, failures = ExpertFiles.read, []
+
+    def first_prefetch_fails(files, layer, expert):
+        if threading.current_thread() is pager.worker and not failures:
+            failures.append((layer, expert))
+            raise OSError("injected read error")
+        return read(files, layer, expert)
+
+    monkeypatch.setattr(ExpertFiles, "read", first_prefetch_fails)
+    with runtime:
+        with pytest.raises(RuntimeError, match="prefetch worker"):
+            runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS)
+        assert pager.worker.is_alive()
+        stats = runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS).stats
+        assert stats["prefetch"]["issued"] > 0 and stats["prefetch"]["used"] > 0
 
 
 def test_close_stops_the_worker(package):
