@@ -367,7 +367,8 @@ class PagedExperts:
         while not self.requests.empty():  # last round's leftovers are stale
             try:
                 self.requests.get_nowait()
-                self.paging.prefetch_dropped += 1
+                with self.lock:
+                    self.paging.prefetch_dropped += 1
             except queue.Empty:
                 break
         top = np.argsort(-utilities[self.moe_layers], axis=None, kind="stable")[: self.capacity]
