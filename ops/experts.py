@@ -52,7 +52,9 @@ class ResidentExperts:
     after: the exporter's check runs beside the loaded transformers model and must not hold a
     second copy of every expert."""
 
-    def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", preload: bool = True):
+    def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", preload: bool = True,
+                 progress=None):
+        """`progress(n)` is told of each opened session (a big model has thousands)."""
         self.manifest, self.factory, self.provider = manifest, sessions, provider
         self.stats = ExpertStats()
         self.sessions = {}
@@ -60,6 +62,8 @@ class ResidentExperts:
             for layer in manifest.target.moe_layers:
                 for expert in range(manifest.target.dims["num_experts"]):
                     self.sessions[layer, expert] = self._open(layer, expert)
+                    if progress:
+                        progress(1)
 
     def _open(self, layer: int, expert: int):
         return self.factory.create(self.manifest.root / self.manifest.target.experts.path(layer, expert, ".onnx"),

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from tqdm import tqdm
+
 from spac.ops.experts import ExpertKernel, ResidentExperts
 from spac.ops.pager import DeviceSlots, PagedExperts
 from spac.ops.sessions import SessionFactory, cuda_available
@@ -97,7 +99,10 @@ class Runtime:
             if not (paged and name.endswith(".data")):
                 verify_file(manifest, name)
         if not paged:
-            return ResidentExperts(manifest, self.sessions, self.provider)
+            experts = len(manifest.target.moe_layers) * manifest.target.dims["num_experts"]
+            # tqdm shows the bar on a terminal only (disable=None): logs and pipes stay clean.
+            with tqdm(total=experts, desc="loading experts", unit="expert", disable=None, leave=False) as bar:
+                return ResidentExperts(manifest, self.sessions, self.provider, progress=bar.update)
         moe = manifest.target
         layers, experts, expert_bytes = max(moe.moe_layers) + 1, moe.dims["num_experts"], moe.experts.bytes_per_expert
         device = planner = None
