@@ -48,6 +48,9 @@ def parse_args(argv):
                              "package (default: profile's)")
     parser.add_argument("--estimator", choices=("spac-counter", "decayed"), default=None,
                         help="utility estimator of the spac policy (default: profile's)")
+    parser.add_argument("--per-session-threads", dest="global_thread_pool", action="store_false",
+                        help="give every ORT session its own thread pool instead of one shared pool "
+                             "(the shared pool is faster on the CPU and safe here: spac-run owns its process)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
     return parser.parse_args(argv)
 
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
         host_budget = parse_host_budget(args.host_budget) if args.host_budget is not None else None
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
                           strict=args.strict, policy=args.policy, host_budget=host_budget,
-                          estimator=args.estimator)
+                          estimator=args.estimator, global_thread_pool=args.global_thread_pool)
     except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)
         return 2

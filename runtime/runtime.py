@@ -59,10 +59,12 @@ class Runtime:
     def __init__(self, package, profile: str = "cpu-only", draft_len: int | None = None,
                  providers: list[str] | None = None, strict: bool = False, threads: int | None = None,
                  policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
-                 static_frequencies=None):
+                 static_frequencies=None, global_thread_pool: bool = False):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
         override the profile's; `static_frequencies[layer, expert]` (routing counts from an
-        earlier run) choose the `static` policy's resident set."""
+        earlier run) choose the `static` policy's resident set. `global_thread_pool` shares one
+        ORT thread pool across all sessions: faster, but every other ORT session in the process
+        must then be made with use_per_session_threads=False (see spac.ops.sessions)."""
         self.manifest = load_manifest(package)
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
@@ -72,7 +74,7 @@ class Runtime:
         if self.manifest.draft is None:
             self.draft_len = 0
         self.provider = choose_provider(self.profile, providers, strict)
-        self.sessions = SessionFactory(threads or self.profile.threads)
+        self.sessions = SessionFactory(threads or self.profile.threads, global_pool=global_thread_pool)
         self.experts = self._experts(policy or self.profile.policy, host_budget, estimator or self.profile.estimator,
                                      static_frequencies)
         # The trunk and the draft run where the profile puts them: on the GPU when there is one.

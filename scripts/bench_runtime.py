@@ -67,10 +67,10 @@ def time_transformers(model_dir: Path, prompt: list[int], tokens: int, repeats: 
     return statistics.median(decode_rate() for _ in range(repeats))
 
 
-def time_runtime(package: Path, prompt: list[int], tokens: int, repeats: int, threads: int):
+def time_runtime(package: Path, prompt: list[int], tokens: int, repeats: int, threads: int, global_pool: bool):
     from spac.runtime import Runtime
 
-    runtime = Runtime(package, profile="cpu-only", threads=threads)
+    runtime = Runtime(package, profile="cpu-only", threads=threads, global_thread_pool=global_pool)
     request = dict(max_new_tokens=tokens, speculative=False)
     runtime.generate(prompt, **request)  # warm-up
     rates = []
@@ -105,16 +105,19 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--global-thread-pool", action="store_true",
+                        help="run the Runtime with one process-wide ORT thread pool")
     parser.add_argument("--out", type=Path, default=Path("results/bench_runtime.json"))
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir, package = build_package(args.work)
     prompt = list(range(10, 26))
-    ours, parts = time_runtime(package, prompt, args.tokens, args.repeats, args.threads)
+    ours, parts = time_runtime(package, prompt, args.tokens, args.repeats, args.threads, args.global_thread_pool)
     # "eager" is the per-expert loop; transformers 5 defaults to "grouped_mm", slower on the CPU.
     theirs = time_transformers(model_dir, prompt, args.tokens, args.repeats, args.threads, "eager")
     default = time_transformers(model_dir, prompt, args.tokens, args.repeats, args.threads, "grouped_mm")
     report = {"model": SHAPE, "threads": args.threads, "tokens": args.tokens,
+              "global_thread_pool": args.global_thread_pool,
               "runtime_tokens_per_second": ours, "transformers_eager_tokens_per_second": theirs,
               "transformers_grouped_mm_tokens_per_second": default,
               "ratio_vs_eager": ours / theirs, "ratio_vs_grouped_mm": ours / default, "runtime_breakdown": parts}
