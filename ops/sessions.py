@@ -52,11 +52,11 @@ class SessionFactory:
         if global_pool:
             use_global_pool(threads or os.cpu_count() or 1)
             self.options.use_per_session_threads = False
-        else:
+        else:  # (thread counts on a session that uses the global pool make ORT warn per session)
             if threads:
                 self.options.intra_op_num_threads = threads
+            self.options.inter_op_num_threads = 1
             self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.options.inter_op_num_threads = 1
         self.provider_options = provider_options or {}
 
     def create(self, model: str | os.PathLike | bytes, provider: str = "cpu") -> ort.InferenceSession:
