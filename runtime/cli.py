@@ -48,9 +48,9 @@ def parse_args(argv):
                              "package (default: profile's)")
     parser.add_argument("--estimator", choices=("spac-counter", "decayed"), default=None,
                         help="utility estimator of the spac policy (default: profile's)")
-    parser.add_argument("--per-session-threads", dest="global_thread_pool", action="store_false",
-                        help="give every ORT session its own thread pool instead of one shared pool "
-                             "(the shared pool is faster on the CPU and safe here: spac-run owns its process)")
+    parser.add_argument("--global-thread-pool", action="store_true",
+                        help="one ONNX Runtime thread pool shared by all sessions: faster on the CPU, but "
+                             "ORT then refuses other sessions in the same process (fine for spac-run itself)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
     return parser.parse_args(argv)
 
