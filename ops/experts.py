@@ -38,11 +38,6 @@ def group_by_expert(topk_ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndar
     return groups
 
 
-def expert_counts(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """Tokens per expert in this batch: the estimator's input."""
-    return np.bincount(topk_ids.reshape(-1), minlength=num_experts)
-
-
 class ResidentExperts:
     """Every routed expert of the model held as its own in-graph-weights session (the fastest way
     to run an expert on ORT: weights inside the graph get MLAS prepacking). Used when the whole
