@@ -68,13 +68,31 @@ class ResidentExperts:
         self.stats = ExpertStats()
 
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        if len(x) == 1:
+            return self._run_one_token(layer, x, topk_ids[0], topk_weights[0])
         out = np.zeros_like(x)
-        for expert, (rows, slots) in group_by_expert(topk_ids).items():
-            session = self.sessions.get((layer, expert)) or self._open(layer, expert)
-            out[rows] += session.run(None, {"x": x[rows]})[0] * topk_weights[rows, slots, None]
-            self.stats.calls[self.provider] += 1
-            self.stats.tokens[self.provider] += len(rows)
+        groups = group_by_expert(topk_ids)
+        for expert, (rows, slots) in groups.items():
+            out[rows] += self._session(layer, expert).run(None, {"x": x[rows]})[0] * topk_weights[rows, slots, None]
+        self._count(len(groups), topk_ids.size)
         return out
+
+    def _run_one_token(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Decode's case, without the grouping: a quarter of a decode step's Python time went there."""
+        out = np.zeros_like(x)
+        for slot in np.argsort(ids, kind="stable"):  # ascending expert order, as transformers sums
+            y = self._session(layer, int(ids[slot])).run(None, {"x": x})[0]
+            y *= weights[slot]
+            out += y
+        self._count(len(ids), len(ids))
+        return out
+
+    def _session(self, layer: int, expert: int):
+        return self.sessions.get((layer, expert)) or self._open(layer, expert)
+
+    def _count(self, calls: int, tokens: int) -> None:
+        self.stats.calls[self.provider] += calls
+        self.stats.tokens[self.provider] += tokens
 
 
 class ExpertKernel:
