@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attention import NAME as ATTENTION
+
 
 class ExportError(Exception):
     """Bad input to the exporter: the message says what is wrong and what would be valid."""
@@ -28,6 +30,10 @@ class Family:
     window_from_layer_types: bool = False
     window_for_all_layers: bool = False
     moe: bool = True
+    # The attention implementation the trunk is exported with: spac's grouped SDPA (one ONNX
+    # Attention node that reads the cache once per key/value head, see attention.py) or
+    # transformers' "eager", for GPT-OSS's attention sinks.
+    attention: str = ATTENTION
     notes: str = field(default="", compare=False)
 
     def is_moe_layer(self, layer: nn.Module) -> bool:
@@ -105,7 +111,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", window_for_all_layers=True),
     "olmoe": Family("olmoe"),
     "deepseek_v3": Family("deepseek_v3"),
-    "gpt_oss": Family("gpt_oss", router_attr="router", oss_experts=True, window_from_layer_types=True),
+    "gpt_oss": Family("gpt_oss", router_attr="router", oss_experts=True, window_from_layer_types=True,
+                      attention="eager"),
 }
 
 DRAFT_FAMILIES: dict[str, Family] = {

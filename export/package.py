@@ -104,10 +104,10 @@ def _tokenizer_vocab(path: Path):
     return json.loads(file.read_text())["model"].get("vocab") if file.is_file() else None
 
 
-def load_model(path: Path, dtype: str):
+def load_model(path: Path, dtype: str, family: Family):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation=family.attention)
     return model.eval()
 
 
@@ -190,7 +190,7 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the package should not be
     try:
-        model, draft = load_model(model_dir, options.dtype), load_model(draft_dir, options.dtype)
+        model, draft = load_model(model_dir, options.dtype, family), load_model(draft_dir, options.dtype, draft_family)
         moe_layers = [i for i, layer in enumerate(model.model.layers) if family.is_moe_layer(layer)]
         if not moe_layers:
             raise ExportError(f"{model_dir} has no Mixture-of-Experts layer; spac needs an MoE target model")

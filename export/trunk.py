@@ -25,7 +25,7 @@ from torch import nn
 
 from .families import Family
 
-OPSET = 20
+OPSET = 23  # RMSNormalization and Attention (grouped-query heads) are single nodes from 23
 
 
 class ExplicitKV:
