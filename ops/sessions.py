@@ -45,10 +45,12 @@ class SessionFactory:
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.options.log_severity_level = 3
-        # A package has hundreds of sessions (one per expert). With a pool each, their spinning
-        # idle workers starve the one running session (63 ms per expert call against 0.8 ms,
-        # hidden 1024, 64 sessions, 2 cores), so per-session pools never spin; one process-wide
-        # pool may spin and runs an expert call in 0.26 ms against 0.31 ms.
+        # A package has hundreds of sessions (one per expert). With a pool each, their idle
+        # workers spinning after a run starve the one running session (63 ms per expert call
+        # against 0.8 ms, hidden 1024, 64 sessions, 2 cores). Not spinning at all costs a futex
+        # wake per parallel section (49-58 tok/s in bench_runtime); spinning only while a run
+        # lasts (force_spinning_stop) costs one per run (62-64 tok/s). One process-wide pool
+        # needs no wake at all (70-76 tok/s).
         if global_pool:
             use_global_pool(threads or os.cpu_count() or 1)
             self.options.use_per_session_threads = False
@@ -56,7 +58,7 @@ class SessionFactory:
             if threads:
                 self.options.intra_op_num_threads = threads
             self.options.inter_op_num_threads = 1
-            self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.options.add_session_config_entry("session.force_spinning_stop", "1")
         self.provider_options = provider_options or {}
 
     def create(self, model: str | os.PathLike | bytes, provider: str = "cpu") -> ort.InferenceSession:
