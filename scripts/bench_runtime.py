@@ -2,7 +2,8 @@
 """Decode speed of the spac Runtime (CPU EP, no speculative decoding, every expert resident)
 against transformers' eager `generate` on the same model, measured in one run.
 
-    python scripts/bench_runtime.py [--threads 2] [--tokens 64] [--out results/bench_runtime.json]
+    python scripts/bench_runtime.py [--threads 2] [--tokens 64] [--thread-pool global|per-session]
+                                    [--out results/bench_runtime.json]
 
 The model is a random-weight Qwen3-MoE big enough that kernels dominate (hidden 1024, 8 layers,
 32 experts, top-4), built and exported once into --work (cached). Prints the ratio and a
@@ -67,10 +68,10 @@ def time_transformers(model_dir: Path, prompt: list[int], tokens: int, repeats: 
     return statistics.median(decode_rate() for _ in range(repeats))
 
 
-def time_runtime(package: Path, prompt: list[int], tokens: int, repeats: int, threads: int, global_pool: bool):
+def time_runtime(package: Path, prompt: list[int], tokens: int, repeats: int, threads: int, thread_pool: str):
     from spac.runtime import Runtime
 
-    runtime = Runtime(package, profile="cpu-only", threads=threads, global_thread_pool=global_pool)
+    runtime = Runtime(package, profile="cpu-only", threads=threads, global_thread_pool=thread_pool == "global")
     request = dict(max_new_tokens=tokens, speculative=False)
     runtime.generate(prompt, **request)  # warm-up
     rates = []
@@ -105,19 +106,20 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--global-thread-pool", action="store_true",
-                        help="run the Runtime with one process-wide ORT thread pool")
+    parser.add_argument("--thread-pool", choices=("global", "per-session"), default="global",
+                        help="ORT thread pools of the Runtime, as spac-run's --thread-pool (default: global, "
+                             "the spac-run command's)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_runtime.json"))
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir, package = build_package(args.work)
     prompt = list(range(10, 26))
-    ours, parts = time_runtime(package, prompt, args.tokens, args.repeats, args.threads, args.global_thread_pool)
+    ours, parts = time_runtime(package, prompt, args.tokens, args.repeats, args.threads, args.thread_pool)
     # "eager" is the per-expert loop; transformers 5 defaults to "grouped_mm", slower on the CPU.
     theirs = time_transformers(model_dir, prompt, args.tokens, args.repeats, args.threads, "eager")
     default = time_transformers(model_dir, prompt, args.tokens, args.repeats, args.threads, "grouped_mm")
     report = {"model": SHAPE, "threads": args.threads, "tokens": args.tokens,
-              "global_thread_pool": args.global_thread_pool,
+              "thread_pool": args.thread_pool,
               "runtime_tokens_per_second": ours, "transformers_eager_tokens_per_second": theirs,
               "transformers_grouped_mm_tokens_per_second": default,
               "ratio_vs_eager": ours / theirs, "ratio_vs_grouped_mm": ours / default, "runtime_breakdown": parts}
