@@ -20,10 +20,12 @@ import io
 import warnings
 from contextlib import redirect_stdout
 
+import onnx
 import torch
 from torch import nn
 
 from .families import Family
+from .fusion import fuse_sibling_matmuls
 
 OPSET = 23  # RMSNormalization and Attention (grouped-query heads) are single nodes from 23
 
@@ -128,14 +130,17 @@ def kv_shapes(layer_graph: LayerGraph, model) -> list[list[int]]:
 
 
 def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path) -> None:
-    """torch.onnx dynamo export of one wrapper module to `path` with its weights inside."""
+    """torch.onnx dynamo export of one wrapper module to `path` with its weights inside, sibling
+    projections fused (see fusion.py)."""
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
         )
-    program.save(str(path), external_data=False)
+    model = program.model_proto
+    fuse_sibling_matmuls(model)
+    onnx.save(model, str(path))
 
 
 def export_trunk(family: Family, model, out_dir, progress) -> dict:

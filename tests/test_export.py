@@ -18,6 +18,7 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -132,6 +133,38 @@ def test_grouped_sdpa_equals_eager_attention_with_repeated_cache(heads, kv_heads
     theirs, _ = eager_attention_forward(module, query, key, value, reference_mask, scaling=0.25)
     assert ours.shape == theirs.shape == (1, new, heads, 16)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_sibling_matmuls_fuse_into_one_with_identical_results():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spac.export.fusion import fuse_sibling_matmuls
+
+    rng = np.random.default_rng(0)
+    shapes = {"wq": (16, 32), "wk": (16, 8), "wv": (16, 8), "wo": (32, 16)}
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in shapes.items()]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             helper.make_node("Relu", ["q"], ["q_act"]),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             helper.make_node("MatMul", ["q_act", "wo"], ["o"], name="o_proj")]  # another input: stays
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [3, width])
+               for name, width in (("k", 8), ("v", 8), ("o", 16))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])],
+                              outputs, weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    before = model.SerializeToString()
+
+    assert fuse_sibling_matmuls(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 2
+    assert {t.name for t in model.graph.initializer} >= {"wo"} and "wq" not in {t.name for t in model.graph.initializer}
+    x = {"x": rng.standard_normal((3, 16)).astype(np.float32)}
+    expected = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, x)
+    actual = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    for a, b in zip(actual, expected):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_cli_exports_verifies_and_force_replaces_the_old_package_whole(small_pair, tmp_path):
