@@ -29,33 +29,49 @@ SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_experts=32, num_experts_
              intermediate_size=2048)
 
 
+def exporter_digest() -> str:
+    """A digest of the exporter's code: a cached package made by other code is made again."""
+    import hashlib
+
+    import spac.export
+    from spac.ops import expert_graph
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(spac.export.__file__).parent.glob("*.py")) + [Path(expert_graph.__file__)]:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def build_package(work: Path) -> tuple[Path, Path]:
+    import shutil
+
     import make_models
     from spac.export.cli import main as export_main
 
     model_dir, draft_dir = work / "model", work / "draft"
-    package = work / "package"
+    package = work / f"package-{exporter_digest()}"
     if not (model_dir / "config.json").exists():
         make_models.make_model("qwen3_moe", model_dir, **SHAPE)
         make_models.make_model("qwen3", draft_dir)
     if not (package / "manifest.yaml").exists():
-        if export_main([str(model_dir), "--draft", str(draft_dir), "-o", str(package), "--force", "--quiet"]):
+        for stale in work.glob("package*"):
+            shutil.rmtree(stale)
+        if export_main([str(model_dir), "--draft", str(draft_dir), "-o", str(package), "--quiet"]):
             raise SystemExit("export failed")
     return model_dir, package
 
 
-def time_transformers(model_dir: Path, prompt: list[int], tokens: int, repeats: int, threads: int,
-                      experts_implementation: str) -> float:
+def transformers_rate(model_dir: Path, prompt: list[int], tokens: int, experts_implementation: str):
+    """A function measuring transformers' decode tokens/s once: time generate(N) minus
+    generate(1) (the prefill and first token)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, experts_implementation=experts_implementation,
                                                  attn_implementation="eager").eval()
     ids = torch.tensor([prompt])
 
-    def decode_rate():
-        # Decode tokens/s: time generate(N) minus generate(1) (the prefill and first token).
+    def decode_rate() -> float:
         with torch.no_grad():
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
@@ -64,26 +80,35 @@ def time_transformers(model_dir: Path, prompt: list[int], tokens: int, repeats: 
             model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             return (tokens - 1) / (time.perf_counter() - start - first)
 
-    decode_rate()  # warm-up
-    return statistics.median(decode_rate() for _ in range(repeats))
+    return decode_rate
 
 
-def time_runtime(package: Path, prompt: list[int], tokens: int, repeats: int, threads: int, thread_pool: str):
-    from spac.runtime import Runtime
+def runtime_rate(runtime, prompt: list[int], tokens: int):
+    def decode_rate() -> float:
+        # Random weights may emit EOS early: the stats count what was generated.
+        return runtime.generate(prompt, max_new_tokens=tokens, speculative=False).stats["tokens_per_second"]
 
-    runtime = Runtime(package, profile="cpu-only", threads=threads, global_thread_pool=thread_pool == "global")
-    request = dict(max_new_tokens=tokens, speculative=False)
-    runtime.generate(prompt, **request)  # warm-up
-    rates = []
+    return decode_rate
+
+
+def interleaved_rates(contenders: dict, repeats: int) -> dict[str, list[float]]:
+    """Each contender's rate, measured round-robin so that all of them see the same machine
+    (this VM's memory bandwidth moves by ±15% within minutes)."""
+    for measure in contenders.values():
+        measure()  # warm-up
+    rates = {name: [] for name in contenders}
     for _ in range(repeats):
-        # Random weights may emit EOS early: count what was generated.
-        stats = runtime.generate(prompt, **request).stats
-        rates.append(stats["tokens_per_second"])
+        for name, measure in contenders.items():
+            rates[name].append(measure())
+    return rates
+
+
+def profile_runtime(runtime, prompt: list[int], tokens: int) -> dict:
     profiler = cProfile.Profile()
     profiler.enable()
-    runtime.generate(prompt, **request)
+    runtime.generate(prompt, max_new_tokens=tokens, speculative=False)
     profiler.disable()
-    return statistics.median(rates), breakdown(profiler)
+    return breakdown(profiler)
 
 
 def breakdown(profiler: cProfile.Profile) -> dict:
@@ -104,7 +129,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("cache/bench_runtime"), help="model and package cache")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds, each timing every contender once")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--thread-pool", choices=("global", "per-session"), default="global",
                         help="ORT thread pools of the Runtime, as spac-run's --thread-pool (default: global, "
@@ -114,18 +139,31 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir, package = build_package(args.work)
     prompt = list(range(10, 26))
-    ours, parts = time_runtime(package, prompt, args.tokens, args.repeats, args.threads, args.thread_pool)
+
+    import torch
+
+    from spac.runtime import Runtime
+
+    torch.set_num_threads(args.threads)
+    runtime = Runtime(package, profile="cpu-only", threads=args.threads, global_thread_pool=args.thread_pool == "global")
     # "eager" is the per-expert loop; transformers 5 defaults to "grouped_mm", slower on the CPU.
-    theirs = time_transformers(model_dir, prompt, args.tokens, args.repeats, args.threads, "eager")
-    default = time_transformers(model_dir, prompt, args.tokens, args.repeats, args.threads, "grouped_mm")
-    report = {"model": SHAPE, "threads": args.threads, "tokens": args.tokens,
-              "thread_pool": args.thread_pool,
+    rates = interleaved_rates({
+        "spac": runtime_rate(runtime, prompt, args.tokens),
+        "eager": transformers_rate(model_dir, prompt, args.tokens, "eager"),
+        "grouped_mm": transformers_rate(model_dir, prompt, args.tokens, "grouped_mm"),
+    }, args.repeats)
+    ours, theirs, default = (statistics.median(rates[name]) for name in ("spac", "eager", "grouped_mm"))
+    round_ratios = [a / b for a, b in zip(rates["spac"], rates["eager"])]
+    report = {"model": SHAPE, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
+              "thread_pool": args.thread_pool, "rates": rates,
               "runtime_tokens_per_second": ours, "transformers_eager_tokens_per_second": theirs,
               "transformers_grouped_mm_tokens_per_second": default,
-              "ratio_vs_eager": ours / theirs, "ratio_vs_grouped_mm": ours / default, "runtime_breakdown": parts}
+              "ratio_vs_eager": ours / theirs, "ratio_vs_eager_per_round": round_ratios,
+              "ratio_vs_grouped_mm": ours / default, "runtime_breakdown": profile_runtime(runtime, prompt, args.tokens)}
     print(json.dumps(report, indent=2))
     print(f"spac Runtime {ours:.1f} tok/s vs transformers eager {theirs:.1f} tok/s: {ours / theirs:.2f}x "
-          f"(vs transformers' default grouped_mm experts {default:.1f} tok/s: {ours / default:.2f}x)")
+          f"(per round {min(round_ratios):.2f}-{max(round_ratios):.2f}x; vs transformers' default grouped_mm "
+          f"experts {default:.1f} tok/s: {ours / default:.2f}x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
 
