@@ -30,9 +30,9 @@ class Family:
     window_from_layer_types: bool = False
     window_for_all_layers: bool = False
     moe: bool = True
-    # The attention implementation the trunk is exported with: spac's grouped SDPA (one ONNX
-    # Attention node that reads the cache once per key/value head, see attention.py) or
-    # transformers' "eager", for GPT-OSS's attention sinks.
+    # The attention implementation the trunk is exported with: spac's grouped SDPA (reads the
+    # cache once per key/value head, see attention.py) or transformers' "eager", for GPT-OSS's
+    # attention sinks.
     attention: str = ATTENTION
     notes: str = field(default="", compare=False)
 
