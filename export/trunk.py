@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .families import Family
-from .fusion import fuse_sibling_matmuls
+from .fusion import fuse_rms_norms, fuse_sibling_matmuls
 
 # Opset 20 runs on ONNX Runtime >= 1.20 (JetPack 6). Opset 23's fused Attention and
 # RMSNormalization nodes decoded no faster here (A/B in bench_runtime: 0.99-1.00x), and their
@@ -133,14 +133,15 @@ def kv_shapes(layer_graph: LayerGraph, model) -> list[list[int]]:
 
 
 def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path) -> None:
-    """torch.onnx dynamo export of one wrapper module to `path` with its weights inside, sibling
-    projections fused (see fusion.py)."""
+    """torch.onnx dynamo export of one wrapper module to `path` with its weights inside, its RMS
+    norms and sibling projections fused (see fusion.py)."""
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
         )
+    fuse_rms_norms(program.model)
     model = program.model_proto
     fuse_sibling_matmuls(model)
     onnx.save(model, str(path))

@@ -61,6 +61,17 @@ def test_package_reproduces_model_logits(family, exported, record_property):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_trunk_layers_come_out_fused(family, exported):
+    """The export's rewrites took hold in every family: norms fused, q/k/v (or DeepSeek's q and
+    latent kv projections) one matmul."""
+    manifest = load_manifest(exported(family).output)
+    for layer in manifest.target.layers:
+        ops = [node.op_type for node in onnx.load(manifest.root / layer.file, load_external_data=False).graph.node]
+        assert "Pow" not in ops and "SimplifiedLayerNormalization" in ops, (layer.file, ops)
+        assert "Split" in ops, (layer.file, ops)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_package_files_match_manifest(family, exported):
     manifest = load_manifest(exported(family).output)
     target, experts = manifest.target, manifest.target.experts
