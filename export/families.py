@@ -30,9 +30,9 @@ class Family:
     window_from_layer_types: bool = False
     window_for_all_layers: bool = False
     moe: bool = True
-    # The attention implementation the trunk is exported with: spac's grouped SDPA (reads the
-    # cache once per key/value head, see attention.py) or transformers' "eager", for GPT-OSS's
-    # attention sinks.
+    # The attention implementation the trunk is exported with: spac's grouped eager attention
+    # (reads the cache once per key/value head, see attention.py) or transformers' "eager", for
+    # GPT-OSS's attention sinks.
     attention: str = ATTENTION
     notes: str = field(default="", compare=False)
 
@@ -57,9 +57,8 @@ class Family:
     def shared_output(shared: nn.ModuleDict, flat: torch.Tensor) -> torch.Tensor:
         if "shared_experts" in shared:  # DeepSeek
             return shared["shared_experts"](flat)
-        if "shared_expert" in shared:  # Qwen2-MoE: a sigmoid-gated shared expert
-            return torch.sigmoid(shared["shared_expert_gate"](flat)) * shared["shared_expert"](flat)
-        return torch.zeros_like(flat)
+        # Qwen2-MoE: a sigmoid-gated shared expert
+        return torch.sigmoid(shared["shared_expert_gate"](flat)) * shared["shared_expert"](flat)
 
     def sliding_window(self, config, index: int) -> int | None:
         if self.window_from_layer_types and getattr(config, "layer_types", None):

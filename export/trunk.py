@@ -108,7 +108,8 @@ class LayerGraph(nn.Module):
             return (residual + self.mlp(moe_input), *cache.present)
         flat = moe_input.reshape(-1, moe_input.shape[-1])
         topk_ids, topk_weights = self.family.route(self.router, flat)
-        residual = residual + self.family.shared_output(self.shared, flat).reshape(residual.shape)
+        if self.shared:  # (an add of zeros would cost a decode step four nodes)
+            residual = residual + self.family.shared_output(self.shared, flat).reshape(residual.shape)
         return residual, flat, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype), *cache.present
 
 
