@@ -31,6 +31,7 @@ from .fusion import fuse_rms_norms, fuse_sibling_matmuls
 # RMSNormalization nodes decoded no faster here (A/B in bench_runtime: 0.99-1.00x), and their
 # kernels need ORT >= 1.23 (Attention on the CUDA EP later still).
 OPSET = 20
+INLINE_WEIGHTS_LIMIT = 2**31 - 2**26  # bytes of weights a graph file holds inside (protobuf's cap, less room)
 
 
 class ExplicitKV:
@@ -134,8 +135,8 @@ def kv_shapes(layer_graph: LayerGraph, model) -> list[list[int]]:
 
 
 def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path) -> None:
-    """torch.onnx dynamo export of one wrapper module to `path` with its weights inside, its RMS
-    norms and sibling projections fused (see fusion.py)."""
+    """torch.onnx dynamo export of one wrapper module to `path`, its RMS norms and sibling
+    projections fused (see fusion.py); weights inside, or beside it past protobuf's 2 GB cap."""
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -145,7 +146,10 @@ def export_graph(module: nn.Module, args: tuple, input_names, output_names, dyna
     fuse_rms_norms(program.model)
     model = program.model_proto
     fuse_sibling_matmuls(model)
-    onnx.save(model, str(path))
+    # Protobuf caps a file at 2 GB: a bigger graph keeps its weights in a file beside it, as
+    # torch.onnx's own save does (the manifest lists every file of the package).
+    large = sum(len(tensor.raw_data) for tensor in model.graph.initializer) > INLINE_WEIGHTS_LIMIT
+    onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
 
 
 def export_trunk(family: Family, model, out_dir, progress) -> dict:

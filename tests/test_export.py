@@ -201,6 +201,18 @@ def test_no_verify_skips_verification(small_pair, tmp_path, capsys, monkeypatch)
     load_manifest(tmp_path / "pkg")
 
 
+def test_graphs_past_the_protobuf_cap_keep_their_weights_beside_them(small_pair, tmp_path, monkeypatch):
+    from spac.export import trunk
+
+    monkeypatch.setattr(trunk, "INLINE_WEIGHTS_LIMIT", 0)  # every trunk graph counts as big
+    assert cli.main(export_args(*small_pair, tmp_path / "pkg")) == 0  # verification ran on ORT
+    manifest = load_manifest(tmp_path / "pkg")
+    for graph in (manifest.target.embed, manifest.target.head, *(layer.file for layer in manifest.target.layers)):
+        assert f"{graph}.data" in manifest.files, graph
+    for name in manifest.files:
+        verify_file(manifest, name)
+
+
 def test_write_failing_mid_export_leaves_nothing_behind(small_pair, tmp_path, capsys, monkeypatch):
     built = []
 
