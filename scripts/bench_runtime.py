@@ -181,7 +181,8 @@ def main(argv=None) -> None:
     from spac.runtime import Runtime
 
     torch.set_num_threads(args.threads)
-    runtime = Runtime(package, profile="cpu-only", threads=args.threads, global_thread_pool=args.thread_pool == "global")
+    runtime = Runtime(package, profile="cpu-only", threads=args.threads,
+                      global_thread_pool=args.thread_pool == "global")
     # "eager" is the per-expert loop; transformers 5 defaults to "grouped_mm", slower on the CPU.
     rates = interleaved_rates({
         "spac": runtime_rate(runtime, prompt, args.tokens),
@@ -189,7 +190,8 @@ def main(argv=None) -> None:
         "eager": transformers_rate(model_dir, prompt, args.tokens, "eager"),
         "grouped_mm": transformers_rate(model_dir, prompt, args.tokens, "grouped_mm"),
     }, args.repeats)
-    ours, theirs, default, roofline = (statistics.median(rates[name]) for name in ("spac", "eager", "grouped_mm", "roofline"))
+    ours, theirs, default, roofline = (statistics.median(rates[name])
+                                       for name in ("spac", "eager", "grouped_mm", "roofline"))
     round_ratios = [a / b for a, b in zip(rates["spac"], rates["eager"])]
     report = {"model": SHAPE, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
               "thread_pool": args.thread_pool, "rates": rates,
@@ -197,7 +199,8 @@ def main(argv=None) -> None:
               "transformers_grouped_mm_tokens_per_second": default,
               "ratio_vs_eager": ours / theirs, "ratio_vs_eager_per_round": round_ratios,
               "ratio_vs_grouped_mm": ours / default, "matmul_roofline_tokens_per_second": roofline,
-              "share_of_roofline": ours / roofline, "roofline_vs_eager": roofline / theirs, "runtime_breakdown": profile_runtime(runtime, prompt, args.tokens)}
+              "share_of_roofline": ours / roofline, "roofline_vs_eager": roofline / theirs,
+              "runtime_breakdown": profile_runtime(runtime, prompt, args.tokens)}
     print(json.dumps(report, indent=2))
     print(f"spac Runtime {ours:.1f} tok/s vs transformers eager {theirs:.1f} tok/s: {ours / theirs:.2f}x "
           f"(per round {min(round_ratios):.2f}-{max(round_ratios):.2f}x; vs transformers' default grouped_mm "
