@@ -299,7 +299,7 @@ def _read_yaml(path: Path) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ProfileError(f"{path}: not valid YAML{where}: {_excerpt(problem)}") from None
+        raise ProfileError(f"{path}: not valid YAML{where}: {excerpt(problem)}") from None
 
 
 def save_profile(profile: Profile, path: str | Path, header: str = "") -> None:
@@ -327,14 +327,14 @@ class _Reader:
         self.source = source
 
     def error(self, where: str, problem: str) -> ProfileError:
-        return ProfileError(f"{self.source}: {where}: {problem}")
+        return ProfileError(": ".join(part for part in (self.source, where, problem) if part))
 
     def mapping(self, value: Any, where: str, allowed: set[str]) -> dict:
         if not isinstance(value, dict):
             raise self.error(where, f"expected a mapping, got {_kind(value)}")
         unknown = [key for key in value if key not in allowed]
         if unknown:
-            key = _excerpt(unknown[0] if isinstance(unknown[0], str) else repr(unknown[0]))
+            key = excerpt(unknown[0] if isinstance(unknown[0], str) else repr(unknown[0]))
             raise self.error(f"{where}.{key}" if where else key,
                              f"unknown key; valid keys are {', '.join(sorted(allowed))}")
         return value
@@ -348,14 +348,14 @@ class _Reader:
         if isinstance(value, float) and not math.isfinite(value):
             raise self.error(where, f"must be a finite number, got {value}")
         if value < minimum:
-            raise self.error(where, f"must be ≥ {minimum:g}, got {_excerpt(repr(value))}")
+            raise self.error(where, f"must be ≥ {minimum:g}, got {excerpt(repr(value))}")
         if value > maximum:
-            raise self.error(where, f"must be ≤ {maximum:g}, got {_excerpt(repr(value))}")
+            raise self.error(where, f"must be ≤ {maximum:g}, got {excerpt(repr(value))}")
         return value
 
     def choice(self, value: Any, where: str, choices: tuple[str, ...]) -> str:
         if value not in choices:
-            raise self.error(where, f"got {_excerpt(repr(value))}; valid values are {', '.join(choices)}")
+            raise self.error(where, f"got {excerpt(repr(value))}; valid values are {', '.join(choices)}")
         return value
 
     def budget(self, value: Any, where: str) -> Budget:
@@ -366,7 +366,7 @@ class _Reader:
         if isinstance(value, float) and not math.isfinite(value):
             raise self.error(where, f"a budget must be a finite number, got {value}")
         if isinstance(value, (int, float)) and value < 0:
-            raise self.error(where, f"a budget cannot be negative, got {_excerpt(repr(value))}")
+            raise self.error(where, f"a budget cannot be negative, got {excerpt(repr(value))}")
         if isinstance(value, int):
             return Budget(nbytes=self._bounded_bytes(value, repr(value), where))
         if isinstance(value, float):
@@ -377,7 +377,7 @@ class _Reader:
         return self._budget_string(value, where)
 
     def _budget_string(self, value: str, where: str) -> Budget:
-        shown = _excerpt(repr(value))
+        shown = excerpt(repr(value))
         if value.strip().startswith("-"):
             raise self.error(where, f"a budget cannot be negative, got {shown}")
         percent = _PERCENT.match(value)
@@ -395,7 +395,7 @@ class _Reader:
 
     def _bounded_bytes(self, nbytes: float, shown: str, where: str) -> float:
         if nbytes > MAX_BUDGET_BYTES:
-            raise self.error(where, f"a budget must be ≤ 2^50 bytes (1 PiB), got {_excerpt(shown)}")
+            raise self.error(where, f"a budget must be ≤ 2^50 bytes (1 PiB), got {excerpt(shown)}")
         return nbytes
 
 
@@ -516,19 +516,25 @@ def _balancer(r: _Reader, value: Any) -> BalancerSettings:
     )
 
 
-def parse_bytes(value: int | str, where: str = "size") -> int:
+def parse_budget(value: int | float | str) -> Budget:
+    """A budget written as in a profile (9437184, "9MiB", 0.17, "17%"); a ProfileError says what is
+    wrong with it, without a file or field name."""
+    return _Reader("").budget(value, "")
+
+
+def parse_bytes(value: int | str) -> int:
     """A byte count written as in a profile: 9437184, "9MiB", "58GB"."""
-    budget = _Reader("argument").budget(value, where)
+    budget = parse_budget(value)
     if budget.nbytes is None:
-        raise ProfileError(f"{where}: {value!r} is a fraction, not a byte count")
+        raise ProfileError(f"{excerpt(repr(value))} is a fraction, not a byte count")
     return budget.nbytes
 
 
 def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {_excerpt(repr(value))}"
+    return "nothing" if value is None else f"{type(value).__name__} {excerpt(repr(value))}"
 
 
-def _excerpt(text: str) -> str:
+def excerpt(text: str) -> str:
     """``text`` on one line, cut to EXCERPT_CHARS: an error must not echo a megabyte back."""
     text = " ".join(text.split())
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"

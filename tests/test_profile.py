@@ -332,3 +332,22 @@ def test_fuzzed_profiles_load_or_give_one_profile_error(name, tmp_path):
             assert_one_short_line(error)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 40, outcomes
+
+
+@pytest.mark.parametrize("arguments, fragments", [
+    (["--expert-bytes", "nan"], ["argument --expert-bytes: cannot read 'nan'", "8GiB"]),
+    (["--total-expert-bytes", "17%"], ["argument --total-expert-bytes: '17%' is a fraction"]),
+    (["--trunk-bytes=-5GiB"], ["argument --trunk-bytes: a budget cannot be negative"]),
+    (["--expert-bytes", "9" * 100_000], ["argument --expert-bytes: a budget must be ≤ 2^50 bytes", "…"]),
+])
+def test_cli_show_refuses_bad_sizes_with_one_line(arguments, fragments, capsys):
+    from spac.runtime.profile_cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["show", "cpu-only", *arguments])
+    assert exit.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("spac-profile show: error: "), errors
+    assert len(errors[0]) < 400
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
