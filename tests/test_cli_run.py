@@ -198,3 +198,21 @@ def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(tmp_path):
         assert done.returncode == 2, errors
         assert len(errors) == 1 and errors[0].startswith(f"spac-run: error: argument {flag}: not valid UTF-8"), errors
         assert "0xe9" in errors[0]
+
+
+def test_global_thread_pool_falls_back_where_onnxruntime_lacks_it(package, python_result, monkeypatch, capsys,
+                                                                   caplog):
+    """ONNX Runtime 1.20 (JetPack 6's) has no set_global_thread_pool_sizes: the command's default
+    --thread-pool global says so once and runs with a pool per session, with the same output."""
+    import onnxruntime
+
+    from spac.ops import sessions
+    from spac.runtime import cli
+
+    monkeypatch.delattr(onnxruntime.capi._pybind_state, "set_global_thread_pool_sizes", raising=False)
+    monkeypatch.setattr(sessions, "_global_pool_threads", None)
+    assert cli.main(["--package", str(package), "--prompt", PROMPT, "--max-new-tokens", "12", "--json"],
+                    thread_pool="global") == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == python_result[12].token_ids
+    notes = [r.getMessage() for r in caplog.records if "thread pool" in r.getMessage()]
+    assert len(notes) == 1 and "a pool per session" in notes[0], notes
