@@ -27,7 +27,7 @@ example:
 
 def parse_args(argv):
     parser = Parser(prog="spac-run", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", required=True, help="package directory made by spac-export")
     parser.add_argument("--profile", default="cpu-only", help="device profile name or YAML path (default: cpu-only)")
     parser.add_argument("--prompt", required=True, type=utf8_text, help="prompt text")

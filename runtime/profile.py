@@ -52,7 +52,7 @@ THREADS_PER_CORE = 4
 MIN_THREAD_LIMIT = 16  # so a profile written for an 8-core board still loads on a 2-core laptop
 MAX_DRAFT_LEN = 64
 MAX_BUDGET_BYTES = 2**50  # 1 PiB
-MAX_GBPS = 100_000.0  # 100 TB/s, 20x today's fastest HBM
+MAX_GBPS = 100_000.0  # 100 TB/s, over 10x the fastest HBM today
 MAX_MS = 60_000.0  # one minute per expert call or per balancer round
 EXCERPT_CHARS = 80  # of a value echoed in an error
 
