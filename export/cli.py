@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
+
+from spac.runtime.arguments import Parser
 
 DESCRIPTION = """\
 Split a Hugging Face Mixture-of-Experts model and its draft into a spac package:
@@ -21,19 +26,24 @@ EPILOG = """\
 supported MoE families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss
 supported drafts:       llama, mistral, qwen2, qwen3 (same tokenizer as the target)
 
+--force replaces only a spac package (or an empty folder), never the model or draft directory or a
+folder holding them. Folders that killed exports left beside the output (.NAME.partial-PID-*,
+.NAME.old-PID) are removed by the next export once their process is gone.
+
 example:
   spac-export models/qwen3-moe --draft models/qwen3-draft -o packages/qwen3-moe"""
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="spac-export", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="spac-export", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="target MoE model directory (saved with save_pretrained)")
     parser.add_argument("--draft", type=Path, required=True, help="draft model directory (dense, same tokenizer)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="package directory to create")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                         help="weight and activation dtype of the package (default: float32)")
-    parser.add_argument("--force", action="store_true", help="replace the output if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the output if it is a spac package (never any other folder)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the final comparison with the transformers model")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -87,8 +97,23 @@ def quiet_exporter_logs() -> None:
     warnings.filterwarnings("ignore")
 
 
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """SIGTERM raises SystemExit, so the export removes its temporary folder on the way out.
+    (SIGKILL cannot be caught; the next export removes what such an export left.)"""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="spac-export: %(message)s")
     quiet_exporter_logs()
     from .families import ExportError
     from .package import ExportOptions, export_package
@@ -97,7 +122,8 @@ def main(argv=None) -> int:
     options = ExportOptions(args.model, args.draft, args.output, args.dtype, args.force, args.verify,
                             progress=not args.quiet)
     try:
-        result = export_package(options, verify_fn=verify_package)
+        with sigterm_as_exit():
+            result = export_package(options, verify_fn=verify_package)
     except ExportError as error:
         print(f"spac-export: error: {error}", file=sys.stderr)
         return 2

@@ -1,13 +1,18 @@
 """Build a spac package from a Hugging Face MoE model directory and a draft directory.
 
 Everything is written into a temporary folder beside the output and renamed into place at the
-end, so a failed export leaves nothing behind and an existing package is replaced whole.
+end, so a failed export leaves nothing behind and an existing package is replaced whole. Only a
+spac package (or an empty folder) is ever replaced, and never the model or draft directory or a
+folder holding them. The temporary folders carry the exporting process's pid, so a later export
+can tell the ones a killed export left behind from those of an export still running.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -16,15 +21,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import yaml
 
 from spac.ops.expert_graph import DTYPES, OPSET, build_expert_graph, expert_tensors
-from spac.runtime.manifest import SCHEMA_VERSION, sha256_file, write_manifest
+from spac.runtime.manifest import MANIFEST, SCHEMA_VERSION, current_umask, sha256_file, write_manifest
 
 from .families import ExportError, Family, family_for
 from .trunk import export_trunk
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+PRODUCER = "moe-spac"
+log = logging.getLogger("spac.export")
 
 
 @dataclass
@@ -79,14 +87,71 @@ def _declared_model_type(path: Path) -> str | None:
     return model_type if isinstance(model_type, str) else None
 
 
-def check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise ExportError(f"output {output} already exists; pass --force to replace it")
+def check_output(output: Path, force: bool, model_dir: Path, draft_dir: Path) -> None:
+    """Refuse an output the export must not create or replace; `output` is absolute."""
+    if not output.name:
+        raise ExportError(f"output {output} has no folder name; give the package folder to create, "
+                          "e.g. -o packages/NAME")
+    if output.is_symlink():
+        raise ExportError(f"output {output} is a symbolic link; give the folder itself")
+    resolved = output.resolve()
+    for role, source in (("model", model_dir), ("draft", draft_dir)):
+        source = source.resolve()
+        if source == resolved or resolved in source.parents:
+            relation = "is" if source == resolved else "contains"
+            raise ExportError(f"output {output} {relation} the {role} directory {source}; the output is replaced "
+                              "whole, so choose another -o")
+    if output.exists():
+        if not output.is_dir():
+            raise ExportError(f"output {output} is a file, not a folder; choose another -o")
+        if not force:
+            raise ExportError(f"output {output} already exists; pass --force to replace it")
+        if any(output.iterdir()) and not _is_spac_package(output):
+            raise ExportError(f"output {output} is not a spac package (no {MANIFEST} with producer: {PRODUCER} "
+                              "and a schema_version); --force replaces only a package spac-export wrote, "
+                              "so choose another -o")
     parent = output.parent
     if not parent.is_dir():
         raise ExportError(f"output folder {parent} " + ("is not a directory" if parent.exists() else "does not exist"))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"output folder {parent} is not writable")
+
+
+def _is_spac_package(folder: Path) -> bool:
+    """Whether `folder` holds a manifest written by spac-export, of any schema version."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        with open(manifest, "rb") as file:
+            data = yaml.load(file, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get("producer") == PRODUCER and isinstance(data.get("schema_version"), int)
+
+
+def remove_stale_exports(output: Path) -> list[str]:
+    """Remove the folders killed exports of `output` left beside it (`.NAME.partial-PID-*` and
+    `.NAME.old-PID`) whose process is gone; returns their names."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(?:partial-([0-9]{{1,10}})-.+|old-([0-9]{{1,10}}))")
+    removed = []
+    for entry in sorted(output.parent.iterdir()):
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _running(int(match[1] or match[2])):
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry.name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid this system has
+        return True
+    return True
 
 
 def check_vocabularies(model_dir: Path, draft_dir: Path, config, draft_config) -> None:
@@ -179,17 +244,22 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
     from tqdm import tqdm
 
     started = time.perf_counter()
-    model_dir, draft_dir, output = Path(options.model_dir), Path(options.draft_dir), Path(options.output)
+    model_dir, draft_dir = Path(options.model_dir), Path(options.draft_dir)
+    output = Path(os.path.abspath(options.output))  # "-o ." and "-o pkg/.." name their folder
     if options.dtype not in TORCH_DTYPES:
         raise ExportError(f"--dtype {options.dtype!r} is not supported; valid: {', '.join(TORCH_DTYPES)}")
+    check_output(output, options.force, model_dir, draft_dir)
     config, draft_config = read_config(model_dir, "model"), read_config(draft_dir, "draft")
     family, draft_family = family_for(config, draft=False), family_for(draft_config, draft=True)
     check_vocabularies(model_dir, draft_dir, config, draft_config)
-    check_output(output, options.force)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the package should not be
+    removed = remove_stale_exports(output)
+    if removed:
+        log.warning("removed %d folders left by killed exports of %s: %s", len(removed), output.name,
+                    ", ".join(removed))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the package should not be
         model, draft = load_model(model_dir, options.dtype, family), load_model(draft_dir, options.dtype, draft_family)
         moe_layers = [i for i, layer in enumerate(model.model.layers) if family.is_moe_layer(layer)]
         if not moe_layers:
@@ -205,7 +275,7 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
             sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar)
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "producer": "moe-spac",
+            "producer": PRODUCER,
             "source": {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name},
             "dtype": options.dtype,
             "opset": OPSET,
@@ -224,12 +294,6 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(output, manifest, time.perf_counter() - started, verification)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace(tmp: Path, output: Path) -> None:

@@ -23,16 +23,24 @@ def cuda_available() -> bool:
     return PROVIDERS["cuda"] in ort.get_available_providers()
 
 
-_global_pool_threads: int | None = None
+_global_pool_threads: int | None = None  # 0: this ONNX Runtime cannot make one
 
 
-def use_global_pool(threads: int) -> None:
+def use_global_pool(threads: int) -> bool:
     """Size the process-wide intra-op pool, once: ORT reads it when its environment is made, so
-    the first factory's thread count holds for the process."""
+    the first factory's thread count holds for the process. False where ONNX Runtime has no such
+    pool for Python (1.20, JetPack 6's): said once, and the sessions get a pool each."""
     global _global_pool_threads
     if _global_pool_threads is None:
-        ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
-        _global_pool_threads = threads
+        size_pool = getattr(ort.capi._pybind_state, "set_global_thread_pool_sizes", None)
+        if size_pool is None:
+            log.warning("ONNX Runtime %s has no global thread pool (set_global_thread_pool_sizes); "
+                        "using a pool per session", ort.__version__)
+            _global_pool_threads = 0
+        else:
+            size_pool(threads, 1)
+            _global_pool_threads = threads
+    return _global_pool_threads > 0
 
 
 class SessionFactory:
@@ -51,8 +59,7 @@ class SessionFactory:
         # wake per parallel section (49-58 tok/s in bench_runtime); spinning only while a run
         # lasts (force_spinning_stop) costs one per run (62-64 tok/s). One process-wide pool
         # needs no wake at all (70-76 tok/s).
-        if global_pool:
-            use_global_pool(threads or os.cpu_count() or 1)
+        if global_pool and use_global_pool(threads or os.cpu_count() or 1):
             self.options.use_per_session_threads = False
         else:  # (thread counts on a session that uses the global pool make ORT warn per session)
             if threads:

@@ -8,6 +8,9 @@ import logging
 import re
 import sys
 
+from .arguments import Parser, integer, number, utf8_text
+from .profile import MAX_DRAFT_LEN, ProfileError, parse_budget
+
 DESCRIPTION = """\
 Generate text from a package made by spac-export. The draft proposes --draft-len tokens per
 round and the target verifies them in one pass (greedy output equals the original model's).
@@ -23,18 +26,22 @@ example:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="spac-run", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="spac-run", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", required=True, help="package directory made by spac-export")
     parser.add_argument("--profile", default="cpu-only", help="device profile name or YAML path (default: cpu-only)")
-    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--prompt", required=True, type=utf8_text, help="prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--stop", action="append", default=None, help="stop at this string (repeatable)")
-    parser.add_argument("--draft-len", type=int, default=None, help="γ, draft tokens per round (default: profile's)")
+    parser.add_argument("--max-new-tokens", type=integer(1), default=128,
+                        help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=number(0), default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=number(0, 1, above_minimum=True), default=1.0,
+                        help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    parser.add_argument("--seed", type=integer(0, 2**64 - 1), default=None, help="random seed for sampling")
+    parser.add_argument("--stop", action="append", type=utf8_text, default=None,
+                        help="stop at this string (repeatable)")
+    parser.add_argument("--draft-len", type=integer(0, MAX_DRAFT_LEN), default=None,
+                        help="γ, draft tokens per round, 0 = no drafting (default: profile's)")
     parser.add_argument("--no-speculative", dest="speculative", action="store_false",
                         help="plain decoding with the target only")
     parser.add_argument("--providers", default=None,
@@ -42,7 +49,7 @@ def parse_args(argv):
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back when CUDA is missing")
     parser.add_argument("--policy", choices=("lru", "static", "spac"), default=None,
                         help="expert cache policy when the experts do not all fit (default: profile's)")
-    parser.add_argument("--host-budget", default=None,
+    parser.add_argument("--host-budget", type=parse_host_budget, default=None,
                         help="host RAM for the expert cache: a share of the expert bytes ('25%%', 0.25) or bytes "
                              "of expert cache ('1048576', '512MiB'); below 100%% experts are paged from the "
                              "package (default: profile's)")
@@ -60,10 +67,11 @@ def parse_args(argv):
 def parse_host_budget(text: str) -> float | int:
     """A fraction of the expert bytes ('25%', '0.25') as a float, or bytes ('1048576', '512MiB') as an int,
     read like a profile's budget."""
-    from .profile import _Reader
-
     value = float(text) if re.fullmatch(r"\s*[0-9]*\.[0-9]+\s*", text) else text
-    budget = _Reader("--host-budget").budget(value, repr(text))
+    try:
+        budget = parse_budget(value)
+    except ProfileError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return budget.nbytes if budget.fraction is None else budget.fraction
 
 
@@ -82,14 +90,12 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="spac-run: %(levelname)s: %(message)s")
     from .manifest import ManifestError
-    from .profile import ProfileError
     from .runtime import GenerationError, Runtime
 
     providers = args.providers.split(",") if args.providers else None
     try:
-        host_budget = parse_host_budget(args.host_budget) if args.host_budget is not None else None
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
-                          strict=args.strict, policy=args.policy, host_budget=host_budget,
+                          strict=args.strict, policy=args.policy, host_budget=args.host_budget,
                           estimator=args.estimator,
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
     except (ManifestError, ProfileError, ValueError, RuntimeError) as error:

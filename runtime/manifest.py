@@ -183,11 +183,18 @@ def verify_file(manifest: Manifest, name: str, data: bytes | None = None) -> Non
         raise ManifestError(f"package file {path} fails its sha256 check: the package is corrupt (re-export it)")
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temp file in the same folder and rename, so readers never see half a file."""
     path = Path(path)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp makes it private; a plain file is not
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(tmp, path)

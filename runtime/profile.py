@@ -19,6 +19,7 @@ Budgets come in two forms, each meaning what a user would mean by it:
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,18 @@ _UNITS = {
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
 }
+# Bounds on what a profile may ask for: generous for any real machine, and small enough that a
+# stranger's profile cannot make the runtime start 100 000 threads or wait forever.
+MAX_PROFILE_BYTES = 2**20  # a profile is a few KB
+MAX_NESTING = 16  # a profile nests three levels deep
+THREADS_PER_CORE = 4
+MIN_THREAD_LIMIT = 16  # so a profile written for an 8-core board still loads on a 2-core laptop
+MAX_DRAFT_LEN = 64
+MAX_BUDGET_BYTES = 2**50  # 1 PiB
+MAX_GBPS = 100_000.0  # 100 TB/s, over 10x the fastest HBM today
+MAX_MS = 60_000.0  # one minute per expert call or per balancer round
+EXCERPT_CHARS = 80  # of a value echoed in an error
+
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _PERCENT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
 
@@ -234,14 +247,59 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     return shipped
 
 
+def max_threads() -> int:
+    """The most intra-op threads a profile may ask for on this machine."""
+    return max(MIN_THREAD_LIMIT, THREADS_PER_CORE * (os.cpu_count() or 1))
+
+
 def load_profile(name_or_path: str | Path) -> Profile:
     """Load and validate a profile by shipped name (``cpu-only``, ``jetson-orin``, …) or path."""
     path = resolve_profile_path(name_or_path)
+    return profile_from_dict(_read_yaml(path), source=str(path), default_name=path.stem)
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """SafeLoader without aliases and with bounded nesting. A profile needs neither, and an alias
+    lets a few lines expand into billions of nodes ("billion laughs"), deep nesting overflows
+    the composer's recursion."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a profile",
+                                              event.start_mark)
+        if self.depth >= MAX_NESTING:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels",
+                                              event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _read_yaml(path: Path) -> Any:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
-    return profile_from_dict(data, source=str(path), default_name=path.stem)
+        with open(path, "rb") as file:
+            raw = file.read(MAX_PROFILE_BYTES + 1)
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot be read: {exc.strerror}") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{path}: larger than {MAX_PROFILE_BYTES // 2**20} MiB; a profile is a few KB of YAML")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                           "save the profile as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_ProfileLoader)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a scalar its tag cannot hold (2026-13-45)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ProfileError(f"{path}: not valid YAML{where}: {excerpt(problem)}") from None
 
 
 def save_profile(profile: Profile, path: str | Path, header: str = "") -> None:
@@ -269,29 +327,35 @@ class _Reader:
         self.source = source
 
     def error(self, where: str, problem: str) -> ProfileError:
-        return ProfileError(f"{self.source}: {where}: {problem}")
+        return ProfileError(": ".join(part for part in (self.source, where, problem) if part))
 
     def mapping(self, value: Any, where: str, allowed: set[str]) -> dict:
         if not isinstance(value, dict):
             raise self.error(where, f"expected a mapping, got {_kind(value)}")
-        unknown = sorted(set(value) - allowed)
+        unknown = [key for key in value if key not in allowed]
         if unknown:
-            raise self.error(f"{where}.{unknown[0]}" if where else unknown[0],
+            key = excerpt(unknown[0] if isinstance(unknown[0], str) else repr(unknown[0]))
+            raise self.error(f"{where}.{key}" if where else key,
                              f"unknown key; valid keys are {', '.join(sorted(allowed))}")
         return value
 
-    def number(self, value: Any, where: str, minimum: float = 0.0, integer: bool = False):
+    def number(self, value: Any, where: str, minimum: float = 0.0, maximum: float = math.inf,
+               integer: bool = False):
         wanted = "an integer" if integer else "a number"
         ok_type = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, ok_type):
             raise self.error(where, f"expected {wanted}, got {_kind(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(where, f"must be a finite number, got {value}")
         if value < minimum:
-            raise self.error(where, f"must be ≥ {minimum:g}, got {value}")
+            raise self.error(where, f"must be ≥ {minimum:g}, got {excerpt(repr(value))}")
+        if value > maximum:
+            raise self.error(where, f"must be ≤ {maximum:g}, got {excerpt(repr(value))}")
         return value
 
     def choice(self, value: Any, where: str, choices: tuple[str, ...]) -> str:
         if value not in choices:
-            raise self.error(where, f"got {value!r}; valid values are {', '.join(choices)}")
+            raise self.error(where, f"got {excerpt(repr(value))}; valid values are {', '.join(choices)}")
         return value
 
     def budget(self, value: Any, where: str) -> Budget:
@@ -299,10 +363,12 @@ class _Reader:
             return Budget()
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise self.error(where, f"expected bytes or a fraction, got {_kind(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(where, f"a budget must be a finite number, got {value}")
         if isinstance(value, (int, float)) and value < 0:
-            raise self.error(where, f"a budget cannot be negative, got {value}")
+            raise self.error(where, f"a budget cannot be negative, got {excerpt(repr(value))}")
         if isinstance(value, int):
-            return Budget(nbytes=value)
+            return Budget(nbytes=self._bounded_bytes(value, repr(value), where))
         if isinstance(value, float):
             if value > 1:
                 raise self.error(where, f"a fraction must be between 0 and 1, got {value}; "
@@ -311,19 +377,26 @@ class _Reader:
         return self._budget_string(value, where)
 
     def _budget_string(self, value: str, where: str) -> Budget:
+        shown = excerpt(repr(value))
         if value.strip().startswith("-"):
-            raise self.error(where, f"a budget cannot be negative, got {value!r}")
+            raise self.error(where, f"a budget cannot be negative, got {shown}")
         percent = _PERCENT.match(value)
         if percent:
             fraction = float(percent.group(1)) / 100
             if fraction > 1:
-                raise self.error(where, f"a percentage must be at most 100%, got {value!r}")
+                raise self.error(where, f"a percentage must be at most 100%, got {shown}")
             return Budget(fraction=fraction)
         size = _SIZE.match(value)
         if not size or size.group(2).upper() not in _UNITS:
-            raise self.error(where, f"cannot read {value!r}; write bytes (8589934592, '8GiB', "
+            raise self.error(where, f"cannot read {shown}; write bytes (8589934592, '8GiB', "
                                     "'512MiB', '2GB') or a fraction of expert bytes (0.17, '17%')")
-        return Budget(nbytes=int(float(size.group(1)) * _UNITS[size.group(2).upper()]))
+        nbytes = float(size.group(1)) * _UNITS[size.group(2).upper()]  # inf when absurdly long
+        return Budget(nbytes=int(self._bounded_bytes(nbytes, shown, where)))
+
+    def _bounded_bytes(self, nbytes: float, shown: str, where: str) -> float:
+        if nbytes > MAX_BUDGET_BYTES:
+            raise self.error(where, f"a budget must be ≤ 2^50 bytes (1 PiB), got {excerpt(shown)}")
+        return nbytes
 
 
 def profile_from_dict(data: Any, source: str = "<dict>", default_name: str = "") -> Profile:
@@ -351,8 +424,9 @@ def profile_from_dict(data: Any, source: str = "<dict>", default_name: str = "")
         budgets=_budgets(r, data.get("budgets", {}), has_gpu),
         links=_links(r, data["links"], has_gpu),
         expert_costs=_expert_costs(r, data["experts"], providers),
-        threads=r.number(data.get("threads", 1), "threads", minimum=1, integer=True),
-        draft_len=r.number(data.get("draft_len", 4), "draft_len", minimum=1, integer=True),
+        threads=r.number(data.get("threads", 1), "threads", minimum=1, maximum=max_threads(), integer=True),
+        draft_len=r.number(data.get("draft_len", 4), "draft_len", minimum=1, maximum=MAX_DRAFT_LEN,
+                           integer=True),
         policy=r.choice(data.get("policy", "spac"), "policy", POLICIES),
         estimator=_estimator(r, data.get("estimator", "spac-counter")),
         balancer=_balancer(r, data.get("balancer", {})),
@@ -403,7 +477,7 @@ def _links(r: _Reader, value: Any, has_gpu: bool) -> Links:
     def rate(key: str) -> float | None:
         if value.get(key) is None:
             return None
-        return float(r.number(value[key], f"links.{key}", minimum=1e-9))
+        return float(r.number(value[key], f"links.{key}", minimum=1e-9, maximum=MAX_GBPS))
 
     return Links(rate("storage_to_host_gbps"), rate("host_to_device_gbps"), rate("memory_gbps"))
 
@@ -421,7 +495,7 @@ def _expert_costs(r: _Reader, value: Any, providers: tuple[ProviderSpec, ...]) -
         for key in ("a_ms", "b_ms_per_token_per_mb"):
             if key not in coeffs:
                 raise r.error(f"{where}.{key}", "missing")
-        costs[ep] = ExpertCost(**{k: float(r.number(v, f"{where}.{k}")) for k, v in coeffs.items()})
+        costs[ep] = ExpertCost(**{k: float(r.number(v, f"{where}.{k}", maximum=MAX_MS)) for k, v in coeffs.items()})
     return costs
 
 
@@ -438,20 +512,32 @@ def _balancer(r: _Reader, value: Any) -> BalancerSettings:
     return BalancerSettings(
         solver=r.choice(value.get("solver", defaults.solver), "balancer.solver", SOLVERS),
         time_limit_ms=float(r.number(value.get("time_limit_ms", defaults.time_limit_ms),
-                                     "balancer.time_limit_ms", minimum=1e-3)),
+                                     "balancer.time_limit_ms", minimum=1e-3, maximum=MAX_MS)),
     )
 
 
-def parse_bytes(value: int | str, where: str = "size") -> int:
+def parse_budget(value: int | float | str) -> Budget:
+    """A budget written as in a profile (9437184, "9MiB", 0.17, "17%"); a ProfileError says what is
+    wrong with it, without a file or field name."""
+    return _Reader("").budget(value, "")
+
+
+def parse_bytes(value: int | str) -> int:
     """A byte count written as in a profile: 9437184, "9MiB", "58GB"."""
-    budget = _Reader("argument").budget(value, where)
+    budget = parse_budget(value)
     if budget.nbytes is None:
-        raise ProfileError(f"{where}: {value!r} is a fraction, not a byte count")
+        raise ProfileError(f"{excerpt(repr(value))} is a fraction, not a byte count")
     return budget.nbytes
 
 
 def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+    return "nothing" if value is None else f"{type(value).__name__} {excerpt(repr(value))}"
+
+
+def excerpt(text: str) -> str:
+    """``text`` on one line, cut to EXCERPT_CHARS: an error must not echo a megabyte back."""
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"
 
 
 def format_bytes(n: int | None) -> str:

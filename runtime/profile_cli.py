@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from spac.runtime.arguments import Parser
 from spac.runtime.manifest import ManifestError, load_manifest
 from spac.runtime.profile import (ALIASES, ExpertCost, Profile, ProfileError,
                                   available_profiles, format_bytes, load_profile, parse_bytes,
@@ -207,13 +208,13 @@ def show(profile: Profile, expert_bytes: int | None, total_expert_bytes: int | N
 
 def _size(text: str) -> int:
     try:
-        return parse_bytes(int(text) if text.isdigit() else text)
+        return parse_bytes(text)
     except ProfileError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="spac-profile", description="Device profiles.")
+    parser = Parser(prog="spac-profile", description="Device profiles.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the shipped profiles")
     p = sub.add_parser("show", help="print a profile with its resolved values")

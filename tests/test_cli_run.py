@@ -92,7 +92,7 @@ def test_errors_exit_2(tmp_path, package):
     assert done.returncode == 2 and "spac-run: error:" in done.stderr and "cpu-only" in done.stderr
 
     done = spac_run("--package", package, "--prompt", PROMPT, "--max-new-tokens", 0)
-    assert done.returncode == 2 and "spac-run: error:" in done.stderr and "max_new_tokens" in done.stderr
+    assert done.returncode == 2 and "spac-run: error:" in done.stderr and "--max-new-tokens" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -154,3 +154,65 @@ def test_ctrl_c_while_printing_in_process(package, python_result, monkeypatch, c
     out, err = capsys.readouterr()
     assert out == printed[0] + "\n" and python_result[240].text.startswith(printed[0])
     assert "[spac] interrupted" in err and "tok/s" in err
+
+
+# name -> (arguments, fragments of the one error line)
+BAD_VALUES = {
+    "temperature nan": (["--temperature", "nan"], ["--temperature", "finite number ≥ 0"]),
+    "temperature inf": (["--temperature", "inf"], ["--temperature", "finite number ≥ 0"]),
+    "temperature negative": (["--temperature", "-1"], ["--temperature", "finite number ≥ 0", "'-1'"]),
+    "top-p nan": (["--top-p", "nan"], ["--top-p", "(0, 1]"]),
+    "top-p zero": (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+    "seed negative": (["--seed", "-1"], ["--seed", "integer from 0"]),
+    "host budget nan": (["--host-budget", "nan"], ["--host-budget", "'nan'", "8GiB", "17%"]),
+    "host budget inf": (["--host-budget", "inf"], ["--host-budget", "'inf'", "8GiB", "17%"]),
+    "host budget negative": (["--host-budget=-5%"], ["--host-budget", "negative"]),
+    "host budget past 100%": (["--host-budget", "150%"], ["--host-budget", "100%"]),
+    "draft length negative": (["--draft-len", "-1"], ["--draft-len", "integer from 0 to 64"]),
+    "no new tokens": (["--max-new-tokens", "0"], ["--max-new-tokens", "integer ≥ 1"]),
+    "tokens not a number": (["--max-new-tokens", "ten"], ["--max-new-tokens", "'ten'"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_bad_values_give_one_error_line_naming_the_flag(case, tmp_path, capsys):
+    from spac.runtime import cli
+
+    arguments, fragments = BAD_VALUES[case]
+    with pytest.raises(SystemExit) as exit:  # refused while parsing: no package is opened
+        cli.main(["--package", str(tmp_path / "never-read"), "--prompt", PROMPT, *arguments])
+    assert exit.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("spac-run: error: argument "), errors
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    for flag in ("--prompt", "--stop"):
+        arguments = [PROMPT.encode(), b"--stop", b"\n\n"]
+        arguments[0 if flag == "--prompt" else 2] = b"caf\xe9"
+        done = subprocess.run([*spac_run_command(), "--package", str(tmp_path), "--prompt", *arguments],
+                              capture_output=True, timeout=60)
+        errors = done.stderr.decode(errors="replace").splitlines()
+        assert done.returncode == 2, errors
+        assert len(errors) == 1 and errors[0].startswith(f"spac-run: error: argument {flag}: not valid UTF-8"), errors
+        assert "0xe9" in errors[0]
+
+
+def test_global_thread_pool_falls_back_where_onnxruntime_lacks_it(package, python_result, monkeypatch, capsys,
+                                                                   caplog):
+    """ONNX Runtime 1.20 (JetPack 6's) has no set_global_thread_pool_sizes: the command's default
+    --thread-pool global says so once and runs with a pool per session, with the same output."""
+    import onnxruntime
+
+    from spac.ops import sessions
+    from spac.runtime import cli
+
+    monkeypatch.delattr(onnxruntime.capi._pybind_state, "set_global_thread_pool_sizes", raising=False)
+    monkeypatch.setattr(sessions, "_global_pool_threads", None)
+    assert cli.main(["--package", str(package), "--prompt", PROMPT, "--max-new-tokens", "12", "--json"],
+                    thread_pool="global") == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == python_result[12].token_ids
+    notes = [r.getMessage() for r in caplog.records if "thread pool" in r.getMessage()]
+    assert len(notes) == 1 and "a pool per session" in notes[0], notes

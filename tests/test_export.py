@@ -177,6 +177,7 @@ def test_sibling_matmuls_fuse_into_one_with_identical_results():
 def test_cli_exports_verifies_and_force_replaces_the_old_package_whole(small_pair, tmp_path):
     output = tmp_path / "pkg"
     output.mkdir()
+    (output / MANIFEST).write_text("schema_version: 1\nproducer: moe-spac\n")  # an earlier package
     (output / "stale.txt").write_text("left by an earlier export")
     done = subprocess.run([str(SPAC_EXPORT), *export_args(*small_pair, output, "--force")],
                           capture_output=True, text=True, timeout=600)

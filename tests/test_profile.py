@@ -191,3 +191,163 @@ def test_calibrate_refuses_a_folder_that_is_no_package(tmp_path, capsys):
     assert main(["calibrate", "--package", str(tmp_path), "--out", str(tmp_path / "mine.yaml")]) == 2
     assert "manifest.yaml is missing" in capsys.readouterr().err
     assert not (tmp_path / "mine.yaml").exists()
+
+# ---------------------------------------------------------------------------------------------
+# A profile from a stranger: bounded values, no hang, one short error line
+
+
+def assert_one_short_line(error: ProfileError) -> None:
+    message = str(error)
+    assert "\n" not in message and len(message) < 400, message[:400]
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("threads", 100000, ["threads", "≤"]),
+    ("draft_len", 10**6, ["draft_len", "≤"]),
+    ("links.storage_to_host_gbps", float("nan"), ["links.storage_to_host_gbps", "finite"]),
+    ("links.host_to_device_gbps", float("inf"), ["links.host_to_device_gbps", "finite"]),
+    ("links.host_to_device_gbps", 10**400, ["links.host_to_device_gbps", "≤"]),
+    ("experts.cpu.a_ms", float("nan"), ["experts.cpu.a_ms", "finite"]),
+    ("experts.cpu.ms_per_mb", 1e300, ["experts.cpu.ms_per_mb", "≤"]),
+    ("balancer.time_limit_ms", float("inf"), ["balancer.time_limit_ms", "finite"]),
+    ("budgets.host", float("nan"), ["budgets.host", "finite"]),
+    ("budgets.device", 2**80, ["budgets.device", "≤"]),
+    ("budgets.device", "9" * 400 + " TiB", ["budgets.device", "≤"]),
+])
+def test_numbers_are_bounded_by_what_a_machine_can_do(path, value, words):
+    with pytest.raises(ProfileError) as err:
+        profile_from_dict(with_change(path, value))
+    assert_one_short_line(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.timeout(20)
+def test_an_alias_bomb_is_refused_at_once(tmp_path):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(yaml.safe_dump(base()) + "\n".join(lines).replace("a9: &a9", "providers:") + "\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile(bomb)
+    assert_one_short_line(err.value)
+    assert "alias" in str(err.value)
+
+
+@pytest.mark.timeout(20)
+def test_deep_nesting_and_big_files_are_refused(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("providers: " + "[" * 50000 + "]" * 50000 + "\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile(deep)
+    assert_one_short_line(err.value)
+    big = tmp_path / "big.yaml"
+    big.write_text(yaml.safe_dump(base()) + "#" * 2**21 + "\n")
+    with pytest.raises(ProfileError, match="MiB") as err:
+        load_profile(big)
+    assert_one_short_line(err.value)
+
+
+def test_a_huge_value_is_not_echoed_whole(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(yaml.safe_dump(with_change("policy", "x" * 900_000)))
+    with pytest.raises(ProfileError) as err:
+        load_profile(huge)
+    assert_one_short_line(err.value)
+    assert "policy" in str(err.value) and "…" in str(err.value)
+
+
+def test_a_profile_that_is_not_utf8_says_so(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(yaml.safe_dump(base()).encode() + "description: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ProfileError) as err:
+        load_profile(latin)
+    assert_one_short_line(err.value)
+    assert str(latin) in str(err.value) and "UTF-8" in str(err.value)
+
+
+def test_cli_show_refuses_a_bad_profile_with_one_line(tmp_path, capsys):
+    from spac.runtime.profile_cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_change("threads", 100000)))
+    assert main(["show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("spac-profile: ") and "threads" in err
+
+
+FUZZ_VALUES = [None, True, -1, 0, 2**70, -0.5, 1e308, float("nan"), float("inf"), "", "x" * 5000,
+               "17%", "8GiB", [], [1, 2], {}, {"name": "cpu"}, {"a": {"b": {"c": None}}}]
+
+
+def _leaves(node, path=()):
+    """Every (path, value) in a loaded YAML document, containers included."""
+    yield path, node
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from _leaves(child, (*path, key))
+
+
+def _mutations(text: bytes, rng):
+    """Seeded damage to one profile: byte flips, truncations, key deletions, type changes."""
+    for _ in range(40):
+        flipped = bytearray(text)
+        for _ in range(rng.randint(1, 8)):
+            flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+        yield bytes(flipped)
+    for _ in range(15):
+        yield text[:rng.randrange(len(text))]
+    document = yaml.safe_load(text)
+    nodes = [(path, value) for path, value in _leaves(document) if path]
+    for _ in range(45):
+        data = copy.deepcopy(document)
+        path, _ = rng.choice(nodes)
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key]
+        if rng.random() < 0.3:
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = rng.choice(FUZZ_VALUES)
+        yield yaml.safe_dump(data, allow_unicode=True).encode()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", SHIPPED)
+def test_fuzzed_profiles_load_or_give_one_profile_error(name, tmp_path):
+    import random
+
+    from spac.runtime.profile import resolve_profile_path
+
+    rng = random.Random(f"fuzz-{name}")
+    text = resolve_profile_path(name).read_bytes()
+    outcomes = {"valid": 0, "refused": 0}
+    for i, damaged in enumerate(_mutations(text, rng)):
+        path = tmp_path / f"case{i}.yaml"
+        path.write_bytes(damaged)
+        try:
+            load_profile(path)
+            outcomes["valid"] += 1
+        except ProfileError as error:
+            assert_one_short_line(error)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 40, outcomes
+
+
+@pytest.mark.parametrize("arguments, fragments", [
+    (["--expert-bytes", "nan"], ["argument --expert-bytes: cannot read 'nan'", "8GiB"]),
+    (["--total-expert-bytes", "17%"], ["argument --total-expert-bytes: '17%' is a fraction"]),
+    (["--trunk-bytes=-5GiB"], ["argument --trunk-bytes: a budget cannot be negative"]),
+    (["--expert-bytes", "9" * 100_000], ["argument --expert-bytes: a budget must be ≤ 2^50 bytes", "…"]),
+])
+def test_cli_show_refuses_bad_sizes_with_one_line(arguments, fragments, capsys):
+    from spac.runtime.profile_cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["show", "cpu-only", *arguments])
+    assert exit.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("spac-profile show: error: "), errors
+    assert len(errors[0]) < 400
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
