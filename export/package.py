@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import torch
 
-from spac.ops.expert_graph import DTYPES, OPSET, build_expert_graph, expert_tensors
-from spac.runtime.manifest import SCHEMA_VERSION, sha256_file, write_manifest
+from spac.ops.expert_graph import DTYPES, build_expert_graph, expert_tensors
+from spac.runtime.manifest import EXPERT_FILE_PATTERN, write_package_manifest
 
 from .families import ExportError, Family, family_for
 from .trunk import export_trunk
@@ -131,7 +131,7 @@ def export_experts(family: Family, model, root: Path, dtype: str, moe_layers: li
     spec = family.expert_spec(config)
     hidden, intermediate = config.hidden_size, dims["expert_intermediate_size"]
     tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype)
-    pattern = "target/experts/L{layer:03d}/E{expert:04d}"
+    pattern = EXPERT_FILE_PATTERN
     for layer in moe_layers:
         experts = model.model.layers[layer].mlp.experts
         (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
@@ -167,13 +167,6 @@ def tokenizer_section(model_dir: Path, root: Path, model) -> dict:
             "bos_token": config.get("bos_token"), "eos_token": config.get("eos_token")}
 
 
-def file_table(root: Path) -> dict:
-    table = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        table[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return table
-
-
 def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
     """The whole export. `verify_fn(package_dir, model, draft)` returns the verification report."""
     from tqdm import tqdm
@@ -203,17 +196,9 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
                 trunk = export_trunk(fam, mdl, tmp / name, lambda label: bar.update(1))
                 sections[name] = model_section(fam, mdl, trunk, name)
             sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "producer": "moe-spac",
-            "source": {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name},
-            "dtype": options.dtype,
-            "opset": OPSET,
-            "tokenizer": tokenizer_section(model_dir, tmp, model),
-            **sections,
-            "files": file_table(tmp),
-        }
-        write_manifest(tmp, manifest)
+        tokenizer = tokenizer_section(model_dir, tmp, model)
+        manifest = write_package_manifest(tmp, {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name},
+                                          options.dtype, tokenizer, **sections)
         verification = verify_fn(tmp, model, draft) if (options.verify and verify_fn) else {}
         if verification and not verification["passed"]:
             raise ExportError(f"the exported graphs do not reproduce the model's logits: max abs difference "
