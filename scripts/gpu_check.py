@@ -473,8 +473,9 @@ def device_runtime(package: Path, profile_path: Path, kernel_provider: str, args
         return Runtime(package, profile=str(profile_path), providers=["cuda"], strict=True, draft_len=args.draft_len,
                        threads=args.threads, host_budget=1.0, **kwargs)
 
+    from spac.ops.device_slots import DeviceSlots
     from spac.ops.experts import ExpertKernel
-    from spac.ops.pager import DeviceSlots, PagedExperts
+    from spac.ops.pager import PagedExperts
     from spac.runtime.balancer import Balancer
     from spac.runtime.estimator import make_estimator
     from spac.runtime.manifest import verify_file
