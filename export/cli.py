@@ -50,14 +50,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-
-
 def summary(result) -> str:
+    from spac.runtime.profile import format_bytes
+
     manifest = result.manifest
     target, draft = manifest["target"], manifest["draft"]
     experts = target["experts"]
@@ -70,9 +65,9 @@ def summary(result) -> str:
         ("layers", f"{target['dims']['num_layers']} ({moe_layers} MoE), draft {draft['dims']['num_layers']}"),
         ("experts", f"{target['dims']['num_experts']} per MoE layer, top-{target['dims']['top_k']}, "
                     f"{expert_files} files ({experts['spec']['variant']})"),
-        ("bytes per expert", human_bytes(experts["bytes_per_expert"])),
-        ("expert bytes", human_bytes(experts["bytes_per_expert"] * expert_files)),
-        ("total bytes", human_bytes(total)),
+        ("bytes per expert", format_bytes(experts["bytes_per_expert"])),
+        ("expert bytes", format_bytes(experts["bytes_per_expert"] * expert_files)),
+        ("total bytes", format_bytes(total)),
         ("files", str(len(manifest["files"]) + 1)),
         ("dtype", manifest["dtype"]),
     ]

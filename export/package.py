@@ -23,15 +23,14 @@ from types import SimpleNamespace
 import torch
 import yaml
 
-from spac.ops.expert_graph import DTYPES, OPSET, build_expert_graph, expert_tensors
-from spac.runtime.manifest import MANIFEST, SCHEMA_VERSION, current_umask, sha256_file, write_manifest
+from spac.ops.expert_graph import DTYPES, build_expert_graph, expert_tensors
+from spac.runtime.manifest import EXPERT_FILE_PATTERN, MANIFEST, PRODUCER, current_umask, write_package_manifest
 
 from .families import ExportError, Family, family_for
 from .trunk import export_trunk
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-PRODUCER = "moe-spac"
 log = logging.getLogger("spac.export")
 
 
@@ -196,7 +195,7 @@ def export_experts(family: Family, model, root: Path, dtype: str, moe_layers: li
     spec = family.expert_spec(config)
     hidden, intermediate = config.hidden_size, dims["expert_intermediate_size"]
     tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype)
-    pattern = "target/experts/L{layer:03d}/E{expert:04d}"
+    pattern = EXPERT_FILE_PATTERN
     for layer in moe_layers:
         experts = model.model.layers[layer].mlp.experts
         (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
@@ -230,13 +229,6 @@ def tokenizer_section(model_dir: Path, root: Path, model) -> dict:
     return {"files": [f"tokenizer/{name}" for name in files], "eos_token_ids": eos_ids,
             "bos_token_id": model.config.bos_token_id, "chat_template": template,
             "bos_token": config.get("bos_token"), "eos_token": config.get("eos_token")}
-
-
-def file_table(root: Path) -> dict:
-    table = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        table[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return table
 
 
 def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
@@ -273,17 +265,9 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
                 trunk = export_trunk(fam, mdl, tmp / name, lambda label: bar.update(1))
                 sections[name] = model_section(fam, mdl, trunk, name)
             sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "producer": PRODUCER,
-            "source": {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name},
-            "dtype": options.dtype,
-            "opset": OPSET,
-            "tokenizer": tokenizer_section(model_dir, tmp, model),
-            **sections,
-            "files": file_table(tmp),
-        }
-        write_manifest(tmp, manifest)
+        tokenizer = tokenizer_section(model_dir, tmp, model)
+        manifest = write_package_manifest(tmp, {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name},
+                                          options.dtype, tokenizer, **sections)
         verification = verify_fn(tmp, model, draft) if (options.verify and verify_fn) else {}
         if verification and not verification["passed"]:
             raise ExportError(f"the exported graphs do not reproduce the model's logits: max abs difference "

@@ -24,13 +24,14 @@ import onnx
 import torch
 from torch import nn
 
+from spac.ops.expert_graph import OPSET
+
 from .families import Family
 from .fusion import fuse_rms_norms, fuse_sibling_matmuls
 
 # Opset 20 runs on ONNX Runtime >= 1.20 (JetPack 6). Opset 23's fused Attention and
 # RMSNormalization nodes decoded no faster here (A/B in bench_runtime: 0.99-1.00x), and their
 # kernels need ORT >= 1.23 (Attention on the CUDA EP later still).
-OPSET = 20
 INLINE_WEIGHTS_LIMIT = 2**31 - 2**26  # bytes of weights a graph file holds inside (protobuf's cap, less room)
 
 

@@ -1,28 +1,43 @@
 """Routed-expert execution for one MoE layer: group the batch's tokens by expert, run each
 activated expert's subgraph on the execution provider its plan names, combine with the routing
-weights.
+weights. `Experts` is what the runtime asks of an expert stack: ResidentExperts (here) and
+spac.ops.pager.PagedExperts implement it.
 
 Sessions are created once (at load), never on the hot path: session creation costs tens of ms.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from typing import Protocol, Sequence
 
 import numpy as np
 
 from .expert_graph import build_expert_graph
 from .sessions import SessionFactory
+from .stats import ExpertStats
 
 
-@dataclass
-class ExpertStats:
-    calls: Counter = field(default_factory=Counter)  # per provider ("cpu", "cuda")
-    tokens: Counter = field(default_factory=Counter)
+class Experts(Protocol):
+    """An expert stack: runs a MoE layer's routed experts and hears where the rounds end."""
 
-    def as_dict(self) -> dict:
-        return {"calls": dict(self.calls), "tokens": dict(self.tokens)}
+    policy: str  # the paging policy, or "resident"
+    stats: ExpertStats  # since the last reset_stats()
+
+    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        """The routed experts' weighted sum for the rows of `x` ([T, hidden])."""
+
+    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0) -> None:
+        """A forward pass of the target ended (prefill, a plain decode step or a verify pass).
+        `proposed`: the draft tokens that pass verified; `draft_seconds`: the draft's time."""
+
+    def resident(self, layer: int) -> set[int]:
+        """The experts of `layer` held in fast memory (host cache or device) right now."""
+
+    def reset_stats(self) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
 
 
 def group_by_expert(topk_ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -51,6 +66,7 @@ class ResidentExperts:
                  progress=None):
         """`progress(n)` is told of each opened session (a big model has thousands)."""
         self.manifest, self.factory, self.provider = manifest, sessions, provider
+        self.policy = "resident"
         self.stats = ExpertStats()
         self.sessions = {}
         if preload:
@@ -66,6 +82,15 @@ class ResidentExperts:
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats()
+
+    def resident(self, layer: int) -> set[int]:
+        return set(range(self.manifest.target.dims["num_experts"])) if layer in self.manifest.target.moe_layers else set()
+
+    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0) -> None:
+        """Nothing to do: every expert stays where it is."""
+
+    def close(self) -> None:
+        self.sessions.clear()
 
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
         if len(x) == 1:

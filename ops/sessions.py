@@ -11,7 +11,8 @@ import os
 
 import onnxruntime as ort
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+from .providers import PROVIDERS
+
 log = logging.getLogger("spac")
 
 

@@ -13,7 +13,8 @@ takes the longer side. The whole round is one integer program (python-mip, the `
     Σ fetched + Σ prefetched ≤ free slots                    over the whole round
     stall ≥ (Σ fetched + Σ prefetched)·t_xfer − window − Σ_l T_l    link busy past the round
 
-What it adds to the per-layer starting point in DESIGN.md, and why:
+What it adds to a per-layer threshold rule (each layer on its own: an expert goes to the GPU
+when running it there, a fetch included, is faster than on the CPU), and why:
 
 * **One program per round**: the free slots and the link are shared by all layers, so the
   solver decides which layers get them; a per-layer rule spends them on the first layers.
@@ -32,14 +33,17 @@ The program is solved per round in a background thread, warm-started from the pr
 plan and the greedy plan, under the profile's time limit. ``Balancer.plan_for`` on the critical
 path only repairs that plan for the layer's actual routing (a greedy pass seeded with it), or
 runs the greedy plan alone when no solved plan is ready, the solver is missing, too slow or the
-program infeasible. ``brute_force_round`` is the reference for the tests.
+program infeasible.
+
+A plan's ``fetch`` (GPU experts to copy in first) and ``prefetch`` (CPU experts to copy in after
+the layer, for the next round) are what the program counts against the free slots and the link;
+the pager copies ``prefetch`` into free device slots. ``window_ms`` is the last draft's duration.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import itertools
 import logging
 import math
 import os
@@ -150,23 +154,6 @@ def round_objective(costs: Costs, inp: RoundInput, layers: Mapping[int, LayerPla
     value = sum(costs.prefetch_value(inp.layers[l].counts[e])
                 for l, p in layers.items() for e in p.prefetch)
     return total + stall - value
-
-
-def plan_violations(inp: RoundInput, layers: Mapping[int, LayerPlan]) -> list[str]:
-    """What makes a plan invalid for ``inp`` (empty when it is valid)."""
-    problems = []
-    for l, layer in inp.layers.items():
-        p = layers[l]
-        if p.gpu | p.cpu != set(layer.counts) or p.gpu & p.cpu:
-            problems.append(f"layer {l}: gpu/cpu do not partition the activated experts")
-        if p.fetch != p.gpu - layer.resident:
-            problems.append(f"layer {l}: fetch is not the non-resident part of gpu")
-        if not set(p.prefetch) <= p.cpu - layer.resident or len(set(p.prefetch)) < len(p.prefetch):
-            problems.append(f"layer {l}: prefetch must be distinct non-resident CPU experts")
-    moved = sum(len(p.fetch) + len(p.prefetch) for p in layers.values())
-    if moved > inp.free_slots:
-        problems.append(f"{moved} experts moved into {inp.free_slots} free slots")
-    return problems
 
 
 def all_cpu_plan(counts: Mapping[int, float]) -> LayerPlan:
@@ -395,28 +382,6 @@ def _plan_from_solution(costs: Costs, inp: RoundInput, on_gpu: dict,
         layers[l] = LayerPlan(g, frozenset(layer.counts.keys() - g), g - layer.resident,
                               tuple(e for _, e in sorted(pre[l])))
     return layers
-
-
-def brute_force_round(costs: Costs, inp: RoundInput) -> float:
-    """The best objective by enumeration (tests only: 3 choices per non-resident expert)."""
-    per_layer = []
-    for l, layer in inp.layers.items():
-        options = []
-        for e in sorted(layer.counts):
-            choices = ["cpu", "gpu"] if e in layer.resident else ["cpu", "gpu", "prefetch"]
-            options.append([(e, c) for c in choices])
-        per_layer.append((l, list(itertools.product(*options))))
-    best = math.inf
-    for combo in itertools.product(*(opts for _, opts in per_layer)):
-        layers = {}
-        for (l, _), choice in zip(per_layer, combo):
-            gpu = frozenset(e for e, c in choice if c == "gpu")
-            cpu = frozenset(inp.layers[l].counts.keys() - gpu)
-            pre = tuple(e for e, c in choice if c == "prefetch")
-            layers[l] = LayerPlan(gpu, cpu, gpu - inp.layers[l].resident, pre)
-        if sum(len(p.fetch) + len(p.prefetch) for p in layers.values()) <= inp.free_slots:
-            best = min(best, round_objective(costs, inp, layers))
-    return best
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ import logging
 import re
 import sys
 
+from spac.ops.host_cache import POLICIES
+
 from .arguments import Parser, integer, number, utf8_text
+from .estimator import ESTIMATORS
 from .profile import MAX_DRAFT_LEN, ProfileError, parse_budget
 
 DESCRIPTION = """\
@@ -47,13 +50,13 @@ def parse_args(argv):
     parser.add_argument("--providers", default=None,
                         help="comma-separated execution providers for experts, e.g. cuda,cpu (default: profile's)")
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back when CUDA is missing")
-    parser.add_argument("--policy", choices=("lru", "static", "spac"), default=None,
+    parser.add_argument("--policy", choices=POLICIES, default=None,
                         help="expert cache policy when the experts do not all fit (default: profile's)")
     parser.add_argument("--host-budget", type=parse_host_budget, default=None,
                         help="host RAM for the expert cache: a share of the expert bytes ('25%%', 0.25) or bytes "
                              "of expert cache ('1048576', '512MiB'); below 100%% experts are paged from the "
                              "package (default: profile's)")
-    parser.add_argument("--estimator", choices=("spac-counter", "decayed"), default=None,
+    parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
                         help="utility estimator of the spac policy (default: profile's)")
     parser.add_argument("--thread-pool", choices=("global", "per-session"), default=None,
                         help="'global': one ONNX Runtime thread pool shared by all sessions, 10-20%% faster "
@@ -126,13 +129,13 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         code = 130
     result = runtime.last_result
     if args.json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats,
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.as_dict(),
                           "interrupted": result.interrupted}))
     else:
         print()
         if result.interrupted:
             print("[spac] interrupted", file=sys.stderr)
-        print(stats_line(result.stats), file=sys.stderr)
+        print(stats_line(result.stats.as_dict()), file=sys.stderr)
     runtime.close()
     return code
 

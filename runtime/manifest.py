@@ -17,6 +17,7 @@ import yaml
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.yaml"
+PRODUCER = "moe-spac"  # what a manifest written by spac-export names as its producer
 
 
 class ManifestError(Exception):
@@ -205,3 +206,28 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_manifest(package: str | os.PathLike, data: dict) -> None:
     write_atomic(Path(package) / MANIFEST, yaml.safe_dump(data, sort_keys=False).encode())
+
+
+# Where a routed expert's files live in a package, without the extension (.onnx, .data).
+EXPERT_FILE_PATTERN = "target/experts/L{layer:03d}/E{expert:04d}"
+
+
+def file_table(root: str | os.PathLike) -> dict:
+    """Every file under `root`: its sha256 and byte size, by path relative to `root`."""
+    root = Path(root)
+    return {path.relative_to(root).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for path in sorted(p for p in root.rglob("*") if p.is_file())}
+
+
+def write_package_manifest(package: str | os.PathLike, source: dict, dtype: str, tokenizer: dict,
+                           target: dict, draft: dict) -> dict:
+    """Write the manifest of the package whose every other file is in place under `package`,
+    from its sections (`source`: the model and draft names; `tokenizer`, `target`, `draft` as
+    the runtime reads them) and the table of those files; returns the mapping written."""
+    from spac.ops.expert_graph import OPSET  # the graphs' opset (onnx is loaded by any exporter)
+
+    data = {"schema_version": SCHEMA_VERSION, "producer": PRODUCER, "source": source, "dtype": dtype,
+            "opset": OPSET, "tokenizer": tokenizer, "target": target, "draft": draft,
+            "files": file_table(package)}
+    write_manifest(package, data)
+    return data

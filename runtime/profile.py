@@ -28,16 +28,13 @@ from typing import Any, Mapping
 import yaml
 
 import spac
+from spac.ops.host_cache import POLICIES
+from spac.ops.providers import PROVIDERS
 
-PROVIDERS = ("cuda", "cpu")
 MEMORY_MODELS = ("discrete", "unified")
 TIERS = ("device", "host")
-POLICIES = ("spac", "lru", "static")
 SOLVERS = ("CBC", "HiGHS", "greedy")
 ALIASES = {"jetson-orin": "jetson-orin-agx-64gb"}
-
-# ONNX Runtime's names for the providers a profile can list.
-ORT_PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 _UNITS = {
     "": 1, "B": 1,
@@ -71,7 +68,7 @@ class ProviderSpec:
 
     @property
     def ort_name(self) -> str:
-        return ORT_PROVIDER_NAMES[self.name]
+        return PROVIDERS[self.name]
 
 
 @dataclass(frozen=True)
@@ -136,6 +133,10 @@ class Profile:
     balancer: BalancerSettings
     description: str = ""
     source: str = "<dict>"
+
+    def provider_options(self) -> dict[str, dict]:
+        """Each listed provider's ONNX Runtime options, by provider name."""
+        return {p.name: dict(p.options) for p in self.providers}
 
     @property
     def has_gpu(self) -> bool:
@@ -442,7 +443,7 @@ def _providers(r: _Reader, value: Any) -> tuple[ProviderSpec, ...]:
     for i, item in enumerate(value):
         where = f"providers[{i}]"
         item = r.mapping(item, where, {"name", "options"})
-        name = r.choice(item.get("name"), f"{where}.name", PROVIDERS)
+        name = r.choice(item.get("name"), f"{where}.name", tuple(PROVIDERS))
         options = item.get("options") or {}
         if not isinstance(options, dict):
             raise r.error(f"{where}.options", f"expected a mapping, got {_kind(options)}")

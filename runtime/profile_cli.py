@@ -98,7 +98,7 @@ def package_expert_timers(manifest, threads: int) -> dict[str, ExpertTimer]:
     """Timers of the package's first expert on each provider this machine has: the same kernel
     the pager runs, fed weights read from the package."""
     from spac.ops.experts import ExpertKernel
-    from spac.ops.pager import ExpertFiles
+    from spac.ops.storage import ExpertFiles
     from spac.ops.sessions import SessionFactory, cuda_available
 
     sessions = SessionFactory(threads)

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
-from tqdm import tqdm
-
-from spac.ops.experts import ExpertKernel, ResidentExperts
-from spac.ops.pager import DeviceSlots, PagedExperts
+from spac.ops.providers import PROVIDERS
 from spac.ops.sessions import SessionFactory, cuda_available
 
-from .balancer import Balancer
-from .estimator import make_estimator
-from .manifest import load_manifest, verify_file
+from .expert_stack import ExpertOptions, build_experts
+from .manifest import load_manifest
 from .model import ModelRunner
 from .profile import load_profile
 from .speculative import Decoder, Sampler
+from .stats import GenerationStats
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger("spac")
@@ -36,16 +33,16 @@ class GenerationError(ValueError):
 class GenerationResult:
     text: str
     token_ids: list[int]
-    stats: dict = field(default_factory=dict)
+    stats: GenerationStats | None = None  # None until the generation has ended
     interrupted: bool = False
 
 
 def choose_provider(profile, providers: list[str] | None, strict: bool) -> str:
     """The EP experts run on: the first of `providers` (or the profile's) that this machine has."""
     wanted = providers or [spec.name for spec in profile.providers]
-    unknown = [name for name in wanted if name not in ("cpu", "cuda")]
+    unknown = [name for name in wanted if name not in PROVIDERS]
     if unknown:
-        raise ValueError(f"unknown provider(s) {unknown}; valid: 'cpu', 'cuda'")
+        raise ValueError(f"unknown provider(s) {unknown}; valid: {', '.join(map(repr, PROVIDERS))}")
     if "cuda" in wanted and not cuda_available():
         message = "CUDA was requested but CUDAExecutionProvider is not available (install onnxruntime-gpu"
         if strict:
@@ -59,12 +56,14 @@ class Runtime:
     def __init__(self, package, profile: str = "cpu-only", draft_len: int | None = None,
                  providers: list[str] | None = None, strict: bool = False, threads: int | None = None,
                  policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
-                 static_frequencies=None, global_thread_pool: bool = False):
+                 static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
         override the profile's; `static_frequencies[layer, expert]` (routing counts from an
         earlier run) choose the `static` policy's resident set. `global_thread_pool` shares one
         ORT thread pool across all sessions: faster, but every other ORT session in the process
-        must then be made with use_per_session_threads=False (see spac.ops.sessions)."""
+        must then be made with use_per_session_threads=False (see spac.ops.sessions).
+        `device_tier="cpu"` runs the device tier (slots, balancer plans) on the CPU EP, to
+        exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions)."""
         self.manifest = load_manifest(package)
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
@@ -74,9 +73,10 @@ class Runtime:
         if self.manifest.draft is None:
             self.draft_len = 0
         self.provider = choose_provider(self.profile, providers, strict)
-        self.sessions = SessionFactory(threads or self.profile.threads, global_pool=global_thread_pool)
-        self.experts = self._experts(policy or self.profile.policy, host_budget, estimator or self.profile.estimator,
-                                     static_frequencies)
+        self.sessions = SessionFactory(threads or self.profile.threads, global_pool=global_thread_pool,
+                                       provider_options=self.profile.provider_options())
+        options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier)
+        self.experts = build_experts(self.manifest, self.profile, self.sessions, options)
         # The trunk and the draft run where the profile puts them: on the GPU when there is one.
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts,
                                   provider=self.provider)
@@ -86,38 +86,6 @@ class Runtime:
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.last_result: GenerationResult | None = None
 
-    def _experts(self, policy: str, host_budget, estimator: str, static_frequencies):
-        """Every expert resident when the host budget holds them all and there is no GPU tier to
-        manage; otherwise the pager, with the device tier and the balancer on a CUDA profile."""
-        manifest = self.manifest
-        total = manifest.expert_bytes_total()
-        if host_budget is None:
-            budget = self.profile.budget_bytes("host", total, manifest.trunk_bytes())
-        else:
-            budget = int(host_budget * total) if isinstance(host_budget, float) else int(host_budget)
-        gpu = self.provider == "cuda"
-        paged = gpu or (budget is not None and budget < total)
-        for name in manifest.files:  # paged expert files are checked as they are first read
-            if not (paged and name.endswith(".data")):
-                verify_file(manifest, name)
-        if not paged:
-            experts = len(manifest.target.moe_layers) * manifest.target.dims["num_experts"]
-            # tqdm shows the bar on a terminal only (disable=None): logs and pipes stay clean.
-            with tqdm(total=experts, desc="loading experts", unit="expert", disable=None, leave=False) as bar:
-                return ResidentExperts(manifest, self.sessions, self.provider, progress=bar.update)
-        moe = manifest.target
-        layers, experts, expert_bytes = max(moe.moe_layers) + 1, moe.dims["num_experts"], moe.experts.bytes_per_expert
-        device = planner = None
-        if gpu:
-            device_budget = self.profile.budget_bytes("device", total, manifest.trunk_bytes())
-            slots = layers * experts if device_budget is None else device_budget // expert_bytes
-            device = DeviceSlots(ExpertKernel(manifest, self.sessions, "cuda"), slots)
-            planner = Balancer(self.profile, layers, experts, expert_bytes)
-        return PagedExperts(manifest, self.sessions, total if budget is None else budget, policy,
-                            make_estimator(estimator, layers, experts), static_frequencies,
-                            verify=lambda name, data: verify_file(manifest, name, data), device=device,
-                            planner=planner)
-
     def __enter__(self) -> "Runtime":
         return self
 
@@ -126,7 +94,7 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the prefetch worker and release the sessions and expert weights."""
-        if self.experts is not None and hasattr(self.experts, "close"):
+        if self.experts is not None:
             self.experts.close()
         self.experts = self.target = self.draft = None
 
@@ -149,7 +117,7 @@ class Runtime:
 
     def _pieces(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop, speculative: bool):
         limit = min(max_new_tokens, self.context - len(prompt_ids))
-        decoder = Decoder(self.target, self.draft if speculative else None, sampler)
+        decoder = Decoder(self.target, self.draft if speculative else None, sampler, self.experts)
         draft_len = self.draft_len if speculative else 0
         text = _TextAssembler(self.tokenizer, stop or [])
         result = self.last_result = GenerationResult("", [])
@@ -196,27 +164,15 @@ class Runtime:
                                   "tokens, which must also hold at least one new token")
         return prompt_ids
 
-    def _stats(self, decoder: Decoder, started: float, prefill_seconds, new_tokens: int, prompt_tokens: int) -> dict:
+    def _stats(self, decoder: Decoder, started: float, prefill_seconds, new_tokens: int,
+               prompt_tokens: int) -> GenerationStats:
         total = time.perf_counter() - started
         prefill = prefill_seconds if prefill_seconds is not None else total
-        decode = total - prefill
-        paging = self.experts.paging.as_dict() if hasattr(self.experts, "paging") else RESIDENT_PAGING
-        return {
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "prefill_seconds": prefill, "decode_seconds": decode,
-            # The first token comes from the prefill pass; decode speed counts the rest.
-            "tokens_per_second": (new_tokens - 1) / decode if decode > 0 and new_tokens > 1 else 0.0,
-            **decoder.stats.as_dict(),
-            "draft_len": self.draft_len if decoder.draft else 0,
-            "expert_calls": dict(self.experts.stats.calls),
-            **paging,
-            "policy": getattr(self.experts, "policy", "resident"),
-            "provider": self.provider,
-        }
-
-
-# Every expert resident: no miss, no paging.
-RESIDENT_PAGING = {"expert_hit_rate": 1.0, "bytes_paged": 0, "stall_seconds": 0.0}
+        return GenerationStats(
+            prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill_seconds=prefill,
+            decode_seconds=total - prefill, decoded_tokens=max(0, new_tokens - 1), decode=decoder.stats,
+            draft_len=self.draft_len if decoder.draft else 0, experts=self.experts.stats,
+            policy=self.experts.policy, provider=self.provider)
 
 
 class _TextAssembler:

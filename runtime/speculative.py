@@ -12,11 +12,18 @@ so rollback is just `truncate` and a fully accepted round needs no special case.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spac.ops.stats import add_fields
+
 from .model import ModelRunner
+
+if TYPE_CHECKING:
+    from spac.ops.experts import Experts
 
 
 class Sampler:
@@ -61,17 +68,31 @@ class DecodeStats:
     proposed: int = 0
     accepted: int = 0
 
+    __add__ = add_fields
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_per_round(self) -> float:
+        return self.accepted / self.rounds if self.rounds else 0.0
+
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "draft_tokens_proposed": self.proposed, "draft_tokens_accepted": self.accepted,
-                "acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
-                "mean_accepted_per_round": self.accepted / self.rounds if self.rounds else 0.0}
+                "acceptance_rate": self.acceptance_rate, "mean_accepted_per_round": self.mean_accepted_per_round}
 
 
 class Decoder:
-    """Generates after a prompt with the target alone or with a draft; `tokens` is the sequence."""
+    """Generates after a prompt with the target alone or with a draft; `tokens` is the sequence.
 
-    def __init__(self, target: ModelRunner, draft: ModelRunner | None, sampler: Sampler):
-        self.target, self.draft, self.sampler = target, draft, sampler
+    Every forward pass of the target is a round for its experts: the decoder tells them when
+    one ends (`end_round`), so they can plan and prefetch for the next while the draft runs."""
+
+    def __init__(self, target: ModelRunner, draft: ModelRunner | None, sampler: Sampler,
+                 experts: Experts | None = None):
+        """`experts`: the target's routed experts, told where each round ends."""
+        self.target, self.draft, self.sampler, self.experts = target, draft, sampler, experts
         self.stats = DecodeStats()
         self.tokens: list[int] = []
 
@@ -81,6 +102,7 @@ class Decoder:
             self.draft.reset()
         self.tokens = list(prompt)
         first = self.sampler.pick(self.target.forward(self.tokens)[-1])
+        self._end_round()
         self.tokens.append(first)
         return first
 
@@ -88,14 +110,22 @@ class Decoder:
         """One round: the new tokens (at least one). draft_len 0 (or no draft) is plain decoding."""
         if not self.draft or draft_len <= 0:
             token = self.sampler.pick(self.target.forward(self.tokens[self.target.length:])[-1])
+            self._end_round()
             self.tokens.append(token)
             return [token]
+        started = time.perf_counter()
         drafts, draft_probs = self._propose(draft_len)
+        draft_seconds = time.perf_counter() - started
         new = self._verify(drafts, draft_probs)
+        self._end_round(drafts, draft_seconds)
         self.tokens += new
         self.target.truncate(len(self.tokens) - 1)
         self.draft.truncate(min(self.draft.length, len(self.tokens) - 1))
         return new
+
+    def _end_round(self, proposed: tuple[int, ...] | list[int] = (), draft_seconds: float = 0.0) -> None:
+        if self.experts is not None:
+            self.experts.end_round(proposed=proposed, draft_seconds=draft_seconds)
 
     def _propose(self, count: int):
         drafts, draft_probs = [], []

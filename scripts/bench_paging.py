@@ -116,7 +116,7 @@ def measure(runtime, texts: list[str], speculative: bool, max_new_tokens: int) -
         started = time.perf_counter()
         result = runtime.generate(text, max_new_tokens=max_new_tokens, speculative=speculative)
         totals["seconds"] += time.perf_counter() - started
-        stats = result.stats
+        stats = result.stats.as_dict()
         tokens.append(result.token_ids)
         totals["new_tokens"] += stats["new_tokens"]
         totals["decode_tokens"] += stats["new_tokens"] - 1  # the first comes from the prefill

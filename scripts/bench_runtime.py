@@ -86,7 +86,7 @@ def transformers_rate(model_dir: Path, prompt: list[int], tokens: int, experts_i
 def runtime_rate(runtime, prompt: list[int], tokens: int):
     def decode_rate() -> float:
         # Random weights may emit EOS early: the stats count what was generated.
-        return runtime.generate(prompt, max_new_tokens=tokens, speculative=False).stats["tokens_per_second"]
+        return runtime.generate(prompt, max_new_tokens=tokens, speculative=False).stats.tokens_per_second
 
     return decode_rate
 

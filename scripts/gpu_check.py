@@ -473,30 +473,8 @@ def device_runtime(package: Path, profile_path: Path, kernel_provider: str, args
         return Runtime(package, profile=str(profile_path), providers=["cuda"], strict=True, draft_len=args.draft_len,
                        threads=args.threads, host_budget=1.0, **kwargs)
 
-    from spac.ops.experts import ExpertKernel
-    from spac.ops.pager import DeviceSlots, PagedExperts
-    from spac.runtime.balancer import Balancer
-    from spac.runtime.estimator import make_estimator
-    from spac.runtime.manifest import verify_file
-
-    class SimulatedDeviceRuntime(Runtime):
-        def _experts(self, policy, host_budget, estimator, static_frequencies):
-            manifest = self.manifest
-            moe = manifest.target
-            total = manifest.expert_bytes_total()
-            layers, experts = max(moe.moe_layers) + 1, moe.dims["num_experts"]
-            size = moe.experts.bytes_per_expert
-            for name in manifest.files:
-                if not name.endswith(".data"):
-                    verify_file(manifest, name)
-            slots = self.profile.budget_bytes("device", total, manifest.trunk_bytes()) // size
-            device = DeviceSlots(ExpertKernel(manifest, self.sessions, "cpu"), slots)
-            return PagedExperts(manifest, self.sessions, total, policy, make_estimator(estimator, layers, experts),
-                                static_frequencies, verify=lambda n, d: verify_file(manifest, n, d), device=device,
-                                planner=Balancer(self.profile, layers, experts, size))
-
-    return SimulatedDeviceRuntime(package, profile=str(profile_path), providers=["cpu"], draft_len=args.draft_len,
-                                  threads=args.threads, **kwargs)
+    return Runtime(package, profile=str(profile_path), providers=["cpu"], draft_len=args.draft_len,
+                   threads=args.threads, host_budget=1.0, device_tier="cpu", **kwargs)
 
 
 def warm_host(experts) -> float:
@@ -504,7 +482,7 @@ def warm_host(experts) -> float:
     started = time.perf_counter()
     for layer in experts.moe_layers:
         for expert in range(experts.num_experts):
-            if (layer, expert) not in experts.cache:
+            if (layer, expert) not in experts.host.slots:
                 experts._admit((layer, expert), experts._read(layer, expert))
     experts.reset_stats()
     return time.perf_counter() - started
@@ -532,7 +510,7 @@ def one_run(make_runtime, prompts: list[str], speculative: bool, args, reference
                 ids = runtime.tokenizer.encode_prompt(text)
                 draft.reference = ids + references[i]
             result = runtime.generate(text, max_new_tokens=args.max_new_tokens, speculative=speculative)
-            stats = result.stats
+            stats = result.stats.as_dict()
             tokens.append(result.token_ids)
             totals["decode_tokens"] += stats["new_tokens"] - 1
             totals["decode_seconds"] += stats["decode_seconds"]

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from spac.runtime import balancer as bal
-from spac.runtime.balancer import (Balancer, Costs, LayerInput, RoundInput, brute_force_round,
-                                   greedy_layer, greedy_round, layer_time, plan_violations,
-                                   solve_round_mip)
+from balancer_reference import brute_force_round, plan_violations
+from spac.runtime.balancer import (Balancer, Costs, LayerInput, RoundInput, greedy_layer, greedy_round,
+                                   layer_time, solve_round_mip)
 from spac.runtime.profile import load_profile
 
 EXPERT_BYTES = 9_437_184  # one Qwen3-30B-A3B expert in bf16

@@ -1,17 +1,17 @@
 """The device tier and the balancer's plan, exercised on the CPU: the same DeviceSlots and
-PagedExperts code that serves CUDA, with the slots' kernel on the CPU EP (no GPU here). The CUDA
-path differs only inside ExpertKernel (OrtValues on the GPU, IOBinding)."""
+PagedExperts code that serves CUDA, built by the same factory, with the slots' kernel on the CPU
+EP (no GPU here). The CUDA path differs only inside ExpertKernel (OrtValues on the GPU,
+IOBinding)."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from spac.ops.device_slots import DeviceSlots
 from spac.ops.experts import ExpertKernel
-from spac.ops.pager import DeviceSlots, PagedExperts
 from spac.ops.sessions import SessionFactory
-from spac.runtime.balancer import Balancer
-from spac.runtime.estimator import DecayedCounts
+from spac.runtime.expert_stack import ExpertOptions, build_experts
 from spac.runtime.manifest import load_manifest
 from spac.runtime.model import ModelRunner
 from spac.runtime.profile import load_profile
@@ -40,15 +40,15 @@ def test_experts_run_where_the_plan_says_and_output_stays_lossless(exported, mod
     manifest = load_manifest(exported("mixtral").output)
     sessions = SessionFactory(threads=1)
     moe = manifest.target
-    layers, experts = max(moe.moe_layers) + 1, moe.dims["num_experts"]
-    planner = PlanRecorder(Balancer(load_profile("rtx4090-desktop"), layers, experts, moe.experts.bytes_per_expert))
-    device = DeviceSlots(ExpertKernel(manifest, sessions, "cpu"), device_slots)
-    pager = PagedExperts(manifest, sessions, manifest.expert_bytes_total() // 2, "spac", DecayedCounts(layers, experts),
-                         device=device, planner=planner)
+    options = ExpertOptions(policy="spac", host_budget=manifest.expert_bytes_total() // 2, estimator="decayed",
+                            device_tier="cpu", device_slots=device_slots)
+    pager = build_experts(manifest, load_profile("rtx4090-desktop"), sessions, options)
+    planner = pager.planner = PlanRecorder(pager.planner)
+    device = pager.device
     try:
         target = ModelRunner(manifest, moe, sessions, pager)
         draft = ModelRunner(manifest, manifest.draft, sessions)
-        decoder = Decoder(target, draft, Sampler())
+        decoder = Decoder(target, draft, Sampler(), pager)
         prompt = [5, 17, 42, 99, 3, 7, 250, 11]
         decoder.prefill(prompt)
         while len(decoder.tokens) < len(prompt) + 24:
@@ -58,7 +58,7 @@ def test_experts_run_where_the_plan_says_and_output_stays_lossless(exported, mod
         assert decoder.tokens[:len(expected)] == expected
         planned_gpu = sum(len(plan.gpu) for plan in planner.plans)
         assert planned_gpu > 0, "the balancer never put an expert on the GPU"
-        paging = pager.paging
+        paging = pager.stats.paging
         assert paging.device_hits + paging.device_fetches > 0
         assert len(device.slots) <= device_slots
         assert paging.device_bytes_copied == paging.device_fetches * moe.experts.bytes_per_expert

@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spac.ops.pager import ExpertFiles, PagedExperts
+from spac.ops.host_cache import POLICIES
+from spac.ops.pager import PagedExperts
 from spac.ops.sessions import SessionFactory
+from spac.ops.storage import ExpertFiles
 from spac.runtime import Runtime
 from spac.runtime.estimator import DecayedCounts, SpacCounter, make_estimator
 from spac.runtime.manifest import load_manifest
@@ -35,7 +37,6 @@ from spac.runtime.tokenizer import TextTokenizer
 
 FAMILY = "mixtral"  # the engine, failure and stats tests use this one
 OTHER_FAMILY = "qwen3_moe"  # shared with test_runtime and test_cli_run
-POLICIES = ("lru", "static", "spac")
 BUDGETS = {"100%": 1.0, "25%": 0.25, "0 bytes": 0.0}  # fractions of the expert bytes
 NEW_TOKENS = 24
 DRAFT_LEN = 4
@@ -125,10 +126,13 @@ def make_pager(package_dir, slots: int, stop_worker: bool = True) -> tuple[Paged
 
 
 def run_layer(pager: PagedExperts, layer: int, *tokens: tuple[int, int]) -> None:
-    """Compute `layer` for one token per pair of experts given (its top-2)."""
+    """Compute `layer` for one token per pair of experts given (its top-2); the last MoE layer
+    ends the pass, as the decoder ends it after the target's forward."""
     hidden = pager.kernel.session.get_inputs()[0].shape[-1]
     x = np.random.default_rng(0).standard_normal((len(tokens), hidden)).astype(np.float32)
     pager.run(layer, x, np.array(tokens, dtype=np.int64), np.full((len(tokens), 2), 0.5, np.float32))
+    if layer == pager.moe_layers[-1]:
+        pager.end_round()
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:
@@ -164,10 +168,10 @@ def test_lossless_under_memory_pressure(family, policy, budget, package, expecte
         for speculative in (True, False):
             result = runtime.generate(ids, max_new_tokens=NEW_TOKENS, speculative=speculative)
             assert result.token_ids == want, f"speculative={speculative}"
-            assert result.stats["policy"] == policy
+            assert result.stats.policy == policy
             if budget == "0 bytes":  # every routed expert computed from storage
-                assert result.stats["tiers"]["host"]["hits"] == 0
-                assert result.stats["tiers"]["host"]["misses"] == result.stats["expert_calls"]["cpu"]
+                assert result.stats.experts.paging.host_hits == 0
+                assert result.stats.experts.paging.host_misses == result.stats.experts.calls["cpu"]
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -241,28 +245,28 @@ def test_slots_of_the_layer_being_computed_are_frozen(package, monkeypatch):
     utilities.values[1, [2, 3]] = 5
     run_layer(pager, 0, (0, 1))
     run_layer(pager, 1, (2, 3))  # the pass ends: slots take the estimator's utilities
-    assert {key: slot.utility for key, slot in pager.cache.items()} == {(0, 0): 0, (0, 1): 0, (1, 2): 5, (1, 3): 5}
+    assert {key: slot.utility for key, slot in pager.host.slots.items()} == {(0, 0): 0, (0, 1): 0, (1, 2): 5, (1, 3): 5}
 
     utilities.values[1, 7] = 9  # an expert worth more than any slot arrives while layer 0 computes
     admitted = []
     compute = pager.kernel.run
 
     def arrive_while_computing(*args):  # what the prefetch worker could do at that moment
-        if pager.current_layer == 0 and not admitted:
+        if pager.position.layer == 0 and not admitted:
             admitted.append(pager._admit((1, 7), pager.files.read(1, 7)))
         return compute(*args)
 
     monkeypatch.setattr(pager.kernel, "run", arrive_while_computing)
     run_layer(pager, 0, (0, 1))
     # It took a slot of layer 1: layer 0's slots are worth less but frozen.
-    assert admitted == [True] and set(pager.cache) == {(0, 0), (0, 1), (1, 3), (1, 7)}
+    assert admitted == [True] and set(pager.host.slots) == {(0, 0), (0, 1), (1, 3), (1, 7)}
 
     # Between passes, while the draft runs, no layer is frozen, not even the last one computed.
     utilities.values[0, [0, 1]], utilities.values[1, 3] = 5, 0
     run_layer(pager, 1, (3, 7))  # the pass ends: slots take the new utilities
     utilities.values[0, 6] = 9
     assert pager._admit((0, 6), pager.files.read(0, 6))
-    assert set(pager.cache) == {(0, 0), (0, 1), (0, 6), (1, 7)}
+    assert set(pager.host.slots) == {(0, 0), (0, 1), (0, 6), (1, 7)}
 
 
 def test_a_layer_just_computed_is_evicted_first(package):
@@ -273,9 +277,18 @@ def test_a_layer_just_computed_is_evicted_first(package):
     run_layer(pager, 0, (0, 1))  # the next pass computed layer 0
     # Its slots go before layer 1's, which are still to come in this pass, whatever their
     # utility (no layer frozen here, as between the layers of a deeper model).
-    assert pager._victim(9.0, frozen_layer=-1)[0] == 0
+    assert pager.host.victim(9.0, frozen_layer=-1)[0] == 0
     run_layer(pager, 1, (2, 3))  # the pass ends: utilities alone decide
-    assert pager._victim(9.0, frozen_layer=-1)[0] == 1
+    assert pager.host.victim(9.0, frozen_layer=-1)[0] == 1
+
+
+def test_resident_lists_the_experts_in_fast_memory(package):
+    pager, _ = make_pager(package(), slots=4)
+    try:
+        run_layer(pager, 0, (0, 1))
+        assert pager.resident(0) == {0, 1} and pager.resident(1) == set()
+    finally:
+        pager.close()
 
 
 def test_stale_prefetch_is_dropped(package, monkeypatch):
@@ -285,7 +298,7 @@ def test_stale_prefetch_is_dropped(package, monkeypatch):
     read = pager.files.read
 
     def gated_read(layer, expert):  # the worker's reads wait until the test opens the gate
-        if threading.current_thread() is pager.worker:
+        if threading.current_thread() is pager.prefetcher.worker:
             worker_reads.append((layer, expert))
             gate.wait(TIMEOUT_S)
         return read(layer, expert)
@@ -295,28 +308,28 @@ def test_stale_prefetch_is_dropped(package, monkeypatch):
         utilities.values[0, 4], utilities.values[0, 5] = 3, 2
         run_layer(pager, 0, (0, 1))
         run_layer(pager, 1, (2, 3))  # end of pass 1: prefetch (0, 4) then (0, 5) for pass 2
-        assert pager.paging.prefetch_issued == 2
+        assert pager.stats.paging.prefetch_issued == 2
         wait_for(lambda: worker_reads == [(0, 4)])  # the worker is reading (0, 4), held
         run_layer(pager, 0, (0, 1))  # pass 2 starts layer 0: (0, 5) is now too late
         gate.set()
-        wait_for(lambda: pager.paging.prefetch_dropped == 1)
+        wait_for(lambda: pager.stats.paging.prefetch_dropped == 1)
         assert worker_reads == [(0, 4)], "the stale request was never read"
-        assert (0, 4) in pager.cache and (0, 5) not in pager.cache
+        assert (0, 4) in pager.host.slots and (0, 5) not in pager.host.slots
         run_layer(pager, 1, (2, 3))
         run_layer(pager, 0, (4, 0))  # pass 3 uses what pass 2's prefetch brought
-        assert pager.paging.prefetch_used >= 1
+        assert pager.stats.paging.prefetch_used >= 1
     finally:
         gate.set()
         pager.close()
-    assert not pager.worker.is_alive()
+    assert not pager.prefetcher.worker.is_alive()
 
 
 @pytest.mark.parametrize("estimator", ("spac-counter", "decayed"))
 def test_prefetches_are_used(estimator, package):
     with Runtime(package(), draft_len=DRAFT_LEN, policy="spac", host_budget=0.5, estimator=estimator) as runtime:
-        stats = runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS).stats
-    assert stats["prefetch"]["used"] > 0
-    assert stats["prefetch"]["issued"] >= stats["prefetch"]["used"]
+        stats = runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS).stats.experts.paging
+    assert stats.prefetch_used > 0
+    assert stats.prefetch_issued >= stats.prefetch_used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +343,8 @@ def test_worker_exception_reaches_the_caller_within_one_round(package, monkeypat
     read = ExpertFiles.read
 
     def read_fails_for_prefetches(files, layer, expert):
-        if threading.current_thread() is pager.worker:
-            failed_in_pass.append(pager.pass_id)
+        if threading.current_thread() is pager.prefetcher.worker:
+            failed_in_pass.append(pager.position.pass_id)
             raise OSError("injected read error")
         return read(files, layer, expert)
 
@@ -339,8 +352,8 @@ def test_worker_exception_reaches_the_caller_within_one_round(package, monkeypat
     with runtime, pytest.raises(RuntimeError, match="prefetch worker") as raised:
         runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS)
     assert isinstance(raised.value.__cause__, OSError)
-    assert pager.pass_id <= failed_in_pass[0] + 1
-    assert not pager.worker.is_alive(), "close() stopped the restarted worker too"
+    assert pager.position.pass_id <= failed_in_pass[0] + 1
+    assert not pager.prefetcher.worker.is_alive(), "close() stopped the restarted worker too"
 
 
 def test_worker_is_restarted_after_its_error_reached_the_caller(package, monkeypatch):
@@ -349,7 +362,7 @@ def test_worker_is_restarted_after_its_error_reached_the_caller(package, monkeyp
     read, failures = ExpertFiles.read, []
 
     def first_prefetch_fails(files, layer, expert):
-        if threading.current_thread() is pager.worker and not failures:
+        if threading.current_thread() is pager.prefetcher.worker and not failures:
             failures.append((layer, expert))
             raise OSError("injected read error")
         return read(files, layer, expert)
@@ -358,14 +371,14 @@ def test_worker_is_restarted_after_its_error_reached_the_caller(package, monkeyp
     with runtime:
         with pytest.raises(RuntimeError, match="prefetch worker"):
             runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS)
-        assert pager.worker.is_alive()
-        stats = runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS).stats
-        assert stats["prefetch"]["issued"] > 0 and stats["prefetch"]["used"] > 0
+        assert pager.prefetcher.worker.is_alive()
+        stats = runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS).stats.experts.paging
+        assert stats.prefetch_issued > 0 and stats.prefetch_used > 0
 
 
 def test_close_stops_the_worker(package):
     runtime = Runtime(package(), draft_len=DRAFT_LEN, policy="spac", host_budget=0.5, estimator="decayed")
-    worker = runtime.experts.worker
+    worker = runtime.experts.prefetcher.worker
     runtime.generate(REPETITIVE_PROMPT, max_new_tokens=8)
     assert worker.is_alive()
     runtime.close()
@@ -396,7 +409,7 @@ def test_storage_reads_hit_the_files(policy, package, monkeypatch):
         preads = []
         pread = os.pread
         monkeypatch.setattr(os, "pread", lambda fd, n, offset: preads.append(pread(fd, n, offset)) or preads[-1])
-        stats = runtime.generate(PROMPT, max_new_tokens=NEW_TOKENS).stats
+        stats = runtime.generate(PROMPT, max_new_tokens=NEW_TOKENS).stats.as_dict()
     assert_paging_stats(stats)
     misses = stats["tiers"]["host"]["misses"]
     assert misses > 0 and stats["tiers"]["storage"]["reads"] == misses == len(preads)

@@ -20,7 +20,8 @@ import yaml
 import make_models  # tests/conftest.py puts scripts/ on sys.path
 from spac.runtime import GenerationError, ManifestError, Runtime
 from spac.runtime.model import ModelRunner
-from spac.runtime.profile import ProfileError
+from spac.ops.sessions import cuda_available
+from spac.runtime.profile import ProfileError, load_profile
 from spac.runtime.speculative import Decoder, Sampler
 
 FAMILIES = make_models.FAMILIES
@@ -109,7 +110,7 @@ def test_greedy_equals_transformers(family, runtime_for, reference):
 
     plain = runtime.generate(ids, max_new_tokens=NEW_TOKENS, speculative=False)
     assert plain.token_ids == expected
-    assert plain.stats["rounds"] == 0 and plain.stats["draft_len"] == 0
+    assert plain.stats.decode.rounds == 0 and plain.stats.draft_len == 0
 
     for draft_len in (4, 1):
         runtime.draft_len = draft_len
@@ -119,8 +120,8 @@ def test_greedy_equals_transformers(family, runtime_for, reference):
             runtime.draft_len = 4
         assert result.token_ids == expected, f"draft_len {draft_len}"
         assert result.text == runtime.tokenizer.decode(expected)
-        assert result.stats["draft_len"] == draft_len and result.stats["rounds"] > 0
-        assert result.stats["draft_tokens_proposed"] <= draft_len * result.stats["rounds"]
+        assert result.stats.draft_len == draft_len and result.stats.decode.rounds > 0
+        assert result.stats.decode.proposed <= draft_len * result.stats.decode.rounds
         # Both caches hold a prefix of the sequence: the target all but the last token.
         assert runtime.target.length == len(ids) + NEW_TOKENS - 1
         assert runtime.draft.length <= runtime.target.length
@@ -142,14 +143,14 @@ def test_generation_stops_at_eos_like_transformers(runtime_for, reference, hf_gr
     for speculative in (True, False):
         result = runtime.generate(ids, max_new_tokens=NEW_TOKENS, speculative=speculative)
         assert result.token_ids == hf_ids
-        assert result.stats["new_tokens"] == len(hf_ids)
+        assert result.stats.new_tokens == len(hf_ids)
     # With an always-right draft (the target itself) the EOS lands inside a fully accepted round:
     # the tokens after it are dropped.
     twin = ModelRunner(runtime.manifest, runtime.manifest.target, runtime.sessions, runtime.experts)
     monkeypatch.setattr(runtime, "draft", twin)
     result = runtime.generate(ids, max_new_tokens=NEW_TOKENS)
     assert result.token_ids == hf_ids
-    assert result.stats["acceptance_rate"] == 1.0 and result.stats["rounds"] == 2
+    assert result.stats.decode.acceptance_rate == 1.0 and result.stats.decode.rounds == 2
 
 
 def run_decoder(decoder: Decoder, prompt: list[int], count: int, draft_len: int) -> list[int]:
@@ -426,7 +427,7 @@ def test_prompt_forms(runtime_for, model_pair):
     assert ids == hf_tokenizer(text).input_ids
     from_text = runtime.generate(text, max_new_tokens=8)
     assert from_text.token_ids == runtime.generate(ids, max_new_tokens=8).token_ids
-    assert from_text.stats["prompt_tokens"] == len(ids)
+    assert from_text.stats.prompt_tokens == len(ids)
 
     messages = [{"role": "system", "content": "You write Python."},
                 {"role": "user", "content": "Sort a list of names."}]
@@ -436,7 +437,7 @@ def test_prompt_forms(runtime_for, model_pair):
     assert chat_ids == list(expected)
     from_chat = runtime.generate(messages, max_new_tokens=8)
     assert from_chat.token_ids == runtime.generate(chat_ids, max_new_tokens=8).token_ids
-    assert from_chat.stats["prompt_tokens"] == len(chat_ids)
+    assert from_chat.stats.prompt_tokens == len(chat_ids)
 
     with pytest.raises(TypeError):
         runtime.generate([1.5, 2.5], max_new_tokens=4)
@@ -491,26 +492,62 @@ def check_stats(stats: dict, new_tokens: int) -> None:
 def test_stats(runtime_for):
     runtime = runtime_for(API_FAMILY)
     result = runtime.generate(PROMPTS[0], max_new_tokens=12)
-    check_stats(result.stats, 12)
-    assert result.stats["expert_calls"].get("cpu", 0) > 0
+    check_stats(result.stats.as_dict(), 12)
+    assert result.stats.experts.calls.get("cpu", 0) > 0
     # Counts are per generation, not cumulative.
     again = runtime.generate(PROMPTS[0], max_new_tokens=12)
-    assert again.stats["expert_calls"] == result.stats["expert_calls"]
-    assert result.stats["acceptance_rate"] == again.stats["acceptance_rate"]
-    assert result.stats["mean_accepted_per_round"] == pytest.approx(
-        result.stats["draft_tokens_accepted"] / result.stats["rounds"])
+    assert again.stats.experts.calls == result.stats.experts.calls
+    assert result.stats.decode.acceptance_rate == again.stats.decode.acceptance_rate
+    assert result.stats.decode.mean_accepted_per_round == pytest.approx(
+        result.stats.decode.accepted / result.stats.decode.rounds)
 
 
 def test_context_manager_and_close(exported):
     package = exported(API_FAMILY).output
     with Runtime(package, draft_len=1) as runtime:
         result = runtime.generate([5, 6, 7], max_new_tokens=3)
-        assert len(result.token_ids) == 3 and result.stats["draft_len"] == 1
+        assert len(result.token_ids) == 3 and result.stats.draft_len == 1
     with pytest.raises(RuntimeError, match="closed"):
         runtime.generate([5, 6, 7], max_new_tokens=3)
     with pytest.raises(RuntimeError, match="closed"):
         list(runtime.stream([5, 6, 7], max_new_tokens=3))
     runtime.close()  # closing twice is harmless
+
+
+def profile_with_provider_options(path: Path, name: str, options: dict) -> Path:
+    """The cpu-only profile with `options` for provider `name` (listed first), as a YAML file."""
+    data = load_profile("cpu-only").to_dict()
+    data["providers"] = [{"name": name, "options": options}] + [p for p in data["providers"] if p["name"] != name]
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_profile_provider_options_reach_the_sessions(exported, tmp_path, monkeypatch):
+    """The CPU EP does not report its options back, so the sessions' constructor is watched."""
+    import onnxruntime as ort
+
+    given = []
+
+    class WatchedSession(ort.InferenceSession):
+        def __init__(self, model, options=None, providers=None, **kwargs):
+            given.append(providers)
+            super().__init__(model, options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", WatchedSession)
+    options = {"arena_extend_strategy": "kSameAsRequested"}
+    profile = profile_with_provider_options(tmp_path / "cpu-options.yaml", "cpu", options)
+    with Runtime(exported(API_FAMILY).output, profile=str(profile), draft_len=1) as runtime:
+        runtime.generate([5, 6, 7], max_new_tokens=2)
+    assert given and all(providers == [("CPUExecutionProvider", options)] for providers in given)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs the CUDA execution provider")
+def test_profile_provider_options_reach_cuda_sessions(exported, tmp_path):
+    profile = profile_with_provider_options(tmp_path / "cuda-options.yaml", "cuda",
+                                            {"cudnn_conv_algo_search": "HEURISTIC"})
+    with Runtime(exported(API_FAMILY).output, profile=str(profile), providers=["cuda"], strict=True) as runtime:
+        options = runtime.target.embed.get_provider_options()["CUDAExecutionProvider"]
+    assert options["cudnn_conv_algo_search"] == "HEURISTIC"
 
 
 def test_top_level_import():
@@ -614,7 +651,7 @@ def test_cuda_requested_but_unavailable(exported, caplog):
         assert runtime.provider == "cpu"
         assert any("CUDA" in record.getMessage() and "CPU" in record.getMessage() for record in caplog.records)
         result = runtime.generate(PROMPTS[0], max_new_tokens=4)
-        assert set(result.stats["expert_calls"]) == {"cpu"}
+        assert set(result.stats.experts.calls) == {"cpu"}
     finally:
         runtime.close()
     with pytest.raises(RuntimeError, match="CUDA.*strict"):
@@ -649,7 +686,7 @@ def test_keyboard_interrupt_keeps_partial_result_and_runtime_usable(runtime_for,
     assert 3 <= len(partial.token_ids) < NEW_TOKENS
     assert partial.token_ids == expected[:len(partial.token_ids)]
     assert partial.text == runtime.tokenizer.decode(partial.token_ids)
-    assert partial.stats["new_tokens"] == len(partial.token_ids)
+    assert partial.stats.new_tokens == len(partial.token_ids)
 
     # A caller that stops consuming the stream (its own Ctrl-C, or a break) still finds the
     # text so far and the stats in last_result once the generator is closed.
@@ -657,7 +694,7 @@ def test_keyboard_interrupt_keeps_partial_result_and_runtime_usable(runtime_for,
     stream = runtime.stream(ids, max_new_tokens=NEW_TOKENS)
     first = next(stream)
     stream.close()
-    assert runtime.last_result.text == first and runtime.last_result.stats["new_tokens"] >= 1
+    assert runtime.last_result.text == first and runtime.last_result.stats.new_tokens >= 1
 
     monkeypatch.undo()
     again = runtime.generate(ids, max_new_tokens=NEW_TOKENS)

@@ -1,0 +1,138 @@
+"""The host tier: a RAM cache of expert weights with a fixed number of slots, and the policies
+that decide what it keeps.
+
+Policies:
+  lru     on-demand fetch, LRU eviction, no prefetch (the MixtralOffload analogue)
+  static  a fixed resident set chosen by offline frequency; misses computed from storage
+          (the llama.cpp `-ot` / Fiddler analogue)
+  spac    utilities from a Speculative Utility Estimator after every verify round; slots of
+          lower utility give way to experts of higher utility (the prefetcher brings them while
+          the draft runs). The slots of the layer being computed are frozen and a layer just
+          computed becomes evict-first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .stats import PagingStats
+
+POLICIES = ("lru", "static", "spac")
+
+
+@dataclass
+class Slot:
+    weights: dict
+    utility: float
+    prefetched: bool = False  # counts as a used prefetch on its first hit
+
+
+@dataclass
+class PassPosition:
+    """Where the target's current forward pass is; shared by the cache and the prefetcher."""
+
+    pass_id: int = 0
+    layer: int = -1  # the layer being computed; -1 between passes (none is frozen then)
+    computed: set[int] = field(default_factory=set)  # layers done in this pass: evict-first
+
+
+class HostCache:
+    def __init__(self, policy: str, capacity: int, position: PassPosition, paging: PagingStats):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown paging policy {policy!r}; valid: {', '.join(POLICIES)}")
+        self.policy, self.capacity, self.position, self.paging = policy, capacity, position, paging
+        self.slots: OrderedDict[tuple[int, int], Slot] = OrderedDict()  # LRU order for `lru`
+        self.lock = threading.Lock()
+        self.in_flight: dict[tuple[int, int], threading.Event] = {}  # being read by the prefetcher
+
+    def __contains__(self, key) -> bool:
+        with self.lock:
+            return key in self.slots
+
+    def layer_experts(self, layer: int) -> set[int]:
+        with self.lock:
+            return {expert for (slot_layer, expert) in self.slots if slot_layer == layer}
+
+    def get(self, key) -> dict | None:
+        """The expert's weights (waiting for the prefetcher if it is reading them right now), or
+        None on a miss."""
+        with self.lock:
+            slot = self.slots.get(key)
+            event = self.in_flight.get(key) if slot is None else None
+        if slot is None and event is not None:
+            started = time.perf_counter()
+            event.wait()
+            self.paging.stall_seconds += time.perf_counter() - started
+            with self.lock:
+                slot = self.slots.get(key)
+        if slot is None:
+            return None
+        with self.lock:
+            self.paging.host_hits += 1
+            if slot.prefetched:
+                self.paging.prefetch_used += 1
+                slot.prefetched = False
+            self.slots.move_to_end(key)
+        return slot.weights
+
+    def victim(self, utility: float, frozen_layer: int):
+        """The slot to give up for an expert of `utility`, or None. lru: the least recently used.
+        Otherwise the lowest utility below `utility`, layers computed this pass first, never a
+        slot of the layer being computed."""
+        if self.policy == "lru":
+            return next(iter(self.slots), None)
+        computed = self.position.computed
+        candidates = [(key[0] not in computed, slot.utility, key) for key, slot in self.slots.items()
+                      if key[0] != frozen_layer and slot.utility < utility]
+        return min(candidates)[2] if candidates else None
+
+    def admit(self, key, weights, utility: float, prefetched: bool = False) -> bool:
+        """Put weights in the cache if the policy lets them in; False when they were not kept."""
+        if self.policy == "static" or self.capacity == 0:
+            return False
+        with self.lock:
+            if key in self.slots:
+                return True
+            if len(self.slots) >= self.capacity:
+                victim = self.victim(utility if self.policy == "spac" else np.inf, self.position.layer)
+                if victim is None:
+                    return False
+                del self.slots[victim]
+            self.slots[key] = Slot(weights, utility, prefetched)
+        return True
+
+    def reserve(self, key, utility: float) -> bool:
+        """Mark `key` as being read for the cache, unless it is there, on its way, or outranks
+        no slot; True when the caller should read it (and then `release` it)."""
+        with self.lock:
+            if key in self.slots or key in self.in_flight:
+                return False
+            if len(self.slots) >= self.capacity and self.victim(utility, self.position.layer) is None:
+                return False  # nothing cached is worth less than this expert
+            self.in_flight[key] = threading.Event()
+        return True
+
+    def release(self, key) -> None:
+        with self.lock:
+            self.in_flight.pop(key).set()
+
+    def set_utilities(self, utilities: np.ndarray) -> None:
+        with self.lock:
+            for key, slot in self.slots.items():
+                slot.utility = float(utilities[key])
+
+    def fill_static(self, read, frequencies, moe_layers: list[int], num_experts: int) -> None:
+        """The resident set: the most frequently routed experts (offline counts), read once with
+        `read(layer, expert)` (loading is not paging: it is not counted)."""
+        shape = (len(moe_layers), num_experts)
+        freq = np.zeros(shape) if frequencies is None else np.asarray(frequencies, dtype=np.float64)[moe_layers]
+        order = np.argsort(-freq, axis=None, kind="stable")[: self.capacity]
+        for flat in order:
+            row, expert = divmod(int(flat), num_experts)
+            key = (moe_layers[row], expert)
+            self.slots[key] = Slot(read(*key), float(freq.reshape(-1)[flat]))

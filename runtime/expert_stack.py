@@ -1,0 +1,76 @@
+"""The expert stack of a runtime, built in one place from the package, the device profile and
+the caller's choices: every expert resident, or the pager (with the device tier and the balancer
+when there is one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from spac.ops.device_slots import DeviceSlots
+from spac.ops.experts import ExpertKernel, Experts, ResidentExperts
+from spac.ops.pager import PagedExperts
+from spac.ops.sessions import SessionFactory
+
+from .balancer import Balancer
+from .estimator import make_estimator
+from .manifest import Manifest, verify_file
+from .profile import Profile
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """The caller's choices; None takes the profile's."""
+
+    policy: str | None = None
+    host_budget: float | int | None = None  # a fraction of the expert bytes (float) or bytes (int)
+    estimator: str | None = None
+    static_frequencies: object = None  # [layer, expert] routing counts: the `static` resident set
+    provider: str = "cpu"  # where the experts run ("cuda": the device tier, on the GPU)
+    # The device tier's EP: "cuda" when provider is; "cpu" runs the same tier (slots, balancer
+    # plans) on the CPU EP, to exercise it without a GPU; None: no device tier.
+    device_tier: str | None = None
+    device_slots: int | None = None  # None: as many as the profile's device budget holds
+
+
+def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory,
+                  options: ExpertOptions = ExpertOptions()) -> Experts:
+    """Every expert resident when the host budget holds them all and there is no device tier to
+    manage; otherwise the pager, with the device tier and the balancer on a CUDA profile. Checks
+    the sha256 of every file it loads now (paged expert files are checked as they are first read)."""
+    total = manifest.expert_bytes_total()
+    if options.host_budget is None:
+        budget = profile.budget_bytes("host", total, manifest.trunk_bytes())
+    elif isinstance(options.host_budget, float):
+        budget = int(options.host_budget * total)
+    else:
+        budget = int(options.host_budget)
+    device_tier = options.device_tier or ("cuda" if options.provider == "cuda" else None)
+    paged = device_tier is not None or (budget is not None and budget < total)
+    for name in manifest.files:
+        if not (paged and name.endswith(".data")):
+            verify_file(manifest, name)
+    if not paged:
+        return _resident(manifest, sessions, options.provider)
+    moe = manifest.target
+    layers, experts, expert_bytes = max(moe.moe_layers) + 1, moe.dims["num_experts"], moe.experts.bytes_per_expert
+    device = planner = None
+    if device_tier is not None:
+        slots = options.device_slots
+        if slots is None:
+            device_budget = profile.budget_bytes("device", total, manifest.trunk_bytes())
+            slots = layers * experts if device_budget is None else device_budget // expert_bytes
+        device = DeviceSlots(ExpertKernel(manifest, sessions, device_tier), slots)
+        planner = Balancer(profile, layers, experts, expert_bytes)
+    return PagedExperts(manifest, sessions, total if budget is None else budget, options.policy or profile.policy,
+                        make_estimator(options.estimator or profile.estimator, layers, experts),
+                        options.static_frequencies, verify=lambda name, data: verify_file(manifest, name, data),
+                        device=device, planner=planner)
+
+
+def _resident(manifest: Manifest, sessions: SessionFactory, provider: str) -> ResidentExperts:
+    experts = len(manifest.target.moe_layers) * manifest.target.dims["num_experts"]
+    # tqdm shows the bar on a terminal only (disable=None): logs and pipes stay clean.
+    with tqdm(total=experts, desc="loading experts", unit="expert", disable=None, leave=False) as bar:
+        return ResidentExperts(manifest, sessions, provider, progress=bar.update)
