@@ -97,8 +97,8 @@ class Runtime:
             budget = int(host_budget * total) if isinstance(host_budget, float) else int(host_budget)
         gpu = self.provider == "cuda"
         paged = gpu or (budget is not None and budget < total)
-        for name in manifest.files:  # paged expert files are checked as they are first read
-            if not (paged and name.endswith(".data")):
+        for name in manifest.files:  # paged expert files are checked before first use
+            if not (paged and name in manifest.expert_data):
                 verify_file(manifest, name)
         if not paged:
             experts = len(manifest.target.moe_layers) * manifest.target.dims["num_experts"]
