@@ -66,6 +66,7 @@ class Runtime:
         ORT thread pool across all sessions: faster, but every other ORT session in the process
         must then be made with use_per_session_threads=False (see spac.ops.sessions)."""
         self.manifest = load_manifest(package)
+        self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
         self.draft_len = self.profile.draft_len if draft_len is None else draft_len
@@ -82,7 +83,6 @@ class Runtime:
                                   provider=self.provider)
         self.draft = (ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
                       if self.manifest.draft else None)
-        self.tokenizer = TextTokenizer(self.manifest)
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.last_result: GenerationResult | None = None
 

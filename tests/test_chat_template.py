@@ -105,6 +105,7 @@ HOSTILE = {
                "unsafe"),
     "namespace-dunder": ("{% set ns = namespace() %}{% set ns.__class__ = 1 %}", "unsafe"),
     "syntax": ("{% for message in messages %}{{ message.content }", "syntax error at line 1"),
+    "refuse": ("{{ raise_exception('System messages are not supported') }}", "refused the messages: System"),
     "huge-range": ("{% for i in range(10**9) %}x{% endfor %}", "characters"),
     "nested-loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
                      "ran past"),
@@ -147,7 +148,7 @@ def package_with_template(exported, tmp_path_factory):
 
 
 @pytest.mark.timeout(120, func_only=True)
-@pytest.mark.parametrize("name", ["code", "syntax", "nested-loops", "doubling"])
+@pytest.mark.parametrize("name", ["code", "syntax", "refuse", "nested-loops", "doubling"])
 def test_cli_reports_a_bad_template_as_one_error_line(name, package_with_template, tmp_path, monkeypatch,
                                                       capsys):
     package = package_with_template(HOSTILE[name][0])
