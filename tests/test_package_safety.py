@@ -280,3 +280,18 @@ def test_untampered_package_still_loads(package):
     assert manifest.expert_data == {name for name in manifest.files if "/experts/" in name and name.endswith(".data")}
     with Runtime(package) as runtime:
         assert runtime.generate("hello", max_new_tokens=2).token_ids
+
+
+def test_trunk_weights_beside_a_graph_are_hashed_when_experts_are_paged(package):
+    """A trunk graph past protobuf's cap keeps its weights in NAME.onnx.data: that file is not an
+    expert's, so it is hashed at load even when the pager reads (and hashes) the experts itself."""
+    name = "target/head.onnx"
+    onnx.save(onnx.load(package / name), package / name, save_as_external_data=True,
+              location="head.onnx.data", size_threshold=0)
+    relist(package, name)
+    relist(package, f"{name}.data")
+    data = bytearray((package / f"{name}.data").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (package / f"{name}.data").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"head\.onnx\.data fails its sha256 check"):
+        Runtime(package, host_budget=0.5)
