@@ -141,7 +141,7 @@ class _Reader:
     def fail(self, field: str, problem: str):
         raise ManifestError(f"{self.path}: {field} {problem}")
 
-    def require(self, data, schema: str, where: str) -> dict:
+    def require(self, data, schema: str, where: str) -> None:
         if not isinstance(data, dict):
             self.fail(where or "the top level", f"must be a mapping, got {type(data).__name__}")
         for key, kind in REQUIRED[schema].items():
@@ -151,12 +151,10 @@ class _Reader:
             if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
                 self.fail(f"field {field}", f"must be {KIND_NAMES.get(kind, kind.__name__)}, "
                                             f"got {type(data[key]).__name__}")
-        return data
 
-    def integer(self, value, field: str, minimum: int = 0) -> int:
+    def integer(self, value, field: str, minimum: int = 0) -> None:
         if not _is_int(value) or value < minimum:
             self.fail(field, f"must be an integer >= {minimum}, got {value!r:.80}")
-        return value
 
     def optional(self, data: dict, key: str, where: str, kinds: tuple):
         value = data.get(key)
@@ -178,7 +176,7 @@ class _Reader:
                              "is listed there with its sha256)")
         return name
 
-    def file_table(self, files: dict) -> dict:
+    def file_table(self, files: dict) -> None:
         for name, entry in files.items():
             where = f"files[{name!r:.200}]"
             self.inside(name, where)
@@ -187,7 +185,6 @@ class _Reader:
                 self.fail(f"{where}.sha256", f"must be 64 lowercase hex digits, got {entry['sha256']!r:.80}")
             self.integer(entry["bytes"], f"{where}.bytes")
         self.files = files
-        return files
 
     def tokenizer(self, data: dict, vocab_size: int) -> None:
         self.require(data, "tokenizer", "tokenizer")
