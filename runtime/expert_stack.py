@@ -49,7 +49,7 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
     device_tier = options.device_tier or ("cuda" if options.provider == "cuda" else None)
     paged = device_tier is not None or (budget is not None and budget < total)
     for name in manifest.files:
-        if not (paged and name.endswith(".data")):
+        if not (paged and name in manifest.expert_data):
             verify_file(manifest, name)
     if not paged:
         return _resident(manifest, sessions, options.provider)

@@ -3,17 +3,29 @@
 manifest.yaml holds the schema version, the source models, dtype and opset, the tokenizer, one
 section per model (target, draft) with its dims, trunk graphs and layers, the routed-expert
 layout, and for every file its sha256 and byte size. It is written atomically (temp + rename).
+
+A package may come from a stranger, so nothing in it is trusted before it is checked. Loading
+checks every field's type and range, that every path the runtime will open is a relative name
+inside the package listed under files (every expert's .onnx and .data included), and that each
+listed file is a regular file (no link, FIFO or device) of its recorded size inside the package;
+no package file but the manifest is opened. verify_file checks a file's sha256 before its first
+use, and that a graph is ONNX agreeing with the manifest, its external data in listed files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
+import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from spac.ops.expert_graph import DTYPES, expert_tensors
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.yaml"
@@ -65,6 +77,7 @@ class Manifest:
     raw: dict
     target: ModelSection
     draft: ModelSection | None
+    expert_data: frozenset[str]  # the routed experts' .data files, which the pager reads itself
 
     @property
     def dtype(self) -> str:
@@ -84,10 +97,14 @@ class Manifest:
 
     def trunk_bytes(self) -> int:
         """Bytes of everything but the routed experts' weights (always resident)."""
-        expert_data = {name for name in self.files if name.endswith(".data")}
-        return sum(entry["bytes"] for name, entry in self.files.items() if name not in expert_data)
+        return sum(entry["bytes"] for name, entry in self.files.items() if name not in self.expert_data)
 
 
+DIMS = ("hidden_size", "vocab_size", "num_layers", "max_position_embeddings")
+MOE_DIMS = ("num_experts", "top_k", "expert_intermediate_size")
+TOKENIZER_JSON = "tokenizer/tokenizer.json"
+EXPERT_VARIANTS = {"swiglu": (), "swiglu_oss": ("limit", "alpha")}  # each variant's numeric constants
+SUFFIXES = (".onnx", ".data")  # of each expert's graph and weights
 REQUIRED = {
     "": {"schema_version": int, "dtype": str, "opset": int, "source": dict, "tokenizer": dict,
          "target": dict, "files": dict},
@@ -97,62 +114,221 @@ REQUIRED = {
     "layer": {"index": int, "kind": str, "file": str, "kv_shapes": list},
     "experts": {"spec": dict, "tensors": list, "bytes_per_expert": int, "file_pattern": str},
     "tokenizer": {"files": list, "eos_token_ids": list},
+    "file": {"sha256": str, "bytes": int},
 }
-DIMS = ("hidden_size", "vocab_size", "num_layers", "max_position_embeddings")
-MOE_DIMS = ("num_experts", "top_k", "expert_intermediate_size")
+KIND_NAMES = {dict: "a mapping", list: "a list"}
+SHA256 = re.compile(r"[0-9a-f]{64}")
+PATTERN_SPEC = re.compile(r"0?[0-9]{0,2}d?")  # "03d": zero-padded decimal, nothing else
 
 
-def _require(data, schema: str, where: str, path: Path) -> None:
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: {where or 'top level'} must be a mapping, got {type(data).__name__}")
-    for key, kind in REQUIRED[schema].items():
-        if key not in data:
-            raise ManifestError(f"{path}: missing field {where + '.' if where else ''}{key}")
-        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
-            raise ManifestError(f"{path}: field {where + '.' if where else ''}{key} must be {kind.__name__}, "
-                                f"got {type(data[key]).__name__}")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _model_section(data: dict, name: str, path: Path) -> ModelSection:
-    _require(data, name, name, path)
-    needed = DIMS + (MOE_DIMS if name == "target" else ())
-    missing = [key for key in needed if not isinstance(data["dims"].get(key), int)]
-    if missing:
-        raise ManifestError(f"{path}: {name}.dims lacks integer field(s) {', '.join(missing)}")
-    layers = []
-    for i, entry in enumerate(data["layers"]):
-        _require(entry, "layer", f"{name}.layers[{i}]", path)
-        if entry["kind"] not in ("moe", "dense"):
-            raise ManifestError(f"{path}: {name}.layers[{i}].kind is {entry['kind']!r}; valid: 'moe', 'dense'")
-        layers.append(Layer(entry["index"], entry["kind"], entry["file"], entry.get("sliding_window"),
-                            tuple(tuple(s) for s in entry["kv_shapes"])))
-    experts = None
-    if name == "target":
-        raw = data["experts"]
-        _require(raw, "experts", "target.experts", path)
-        experts = Experts(raw["spec"], tuple(raw["tensors"]), raw["bytes_per_expert"], raw["file_pattern"])
-    return ModelSection(data["architecture"], data["model_type"], data["dims"], data["embed"], data["head"],
-                        tuple(layers), experts)
+def escapes_package(name: str) -> bool:
+    """True unless `name` is a plain relative POSIX path that cannot leave the package."""
+    return (not name or name.startswith("/") or "\\" in name or not name.isprintable()
+            or any(part in ("", ".", "..") for part in name.split("/")))
+
+
+class _Reader:
+    """Reads manifest fields; each refusal is one line naming the manifest, the field and what
+    would be valid."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files: dict = {}
+
+    def fail(self, field: str, problem: str):
+        raise ManifestError(f"{self.path}: {field} {problem}")
+
+    def require(self, data, schema: str, where: str) -> None:
+        if not isinstance(data, dict):
+            self.fail(where or "the top level", f"must be a mapping, got {type(data).__name__}")
+        for key, kind in REQUIRED[schema].items():
+            field = f"{where}.{key}" if where else key
+            if key not in data:
+                raise ManifestError(f"{self.path}: missing field {field}")
+            if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+                self.fail(f"field {field}", f"must be {KIND_NAMES.get(kind, kind.__name__)}, "
+                                            f"got {type(data[key]).__name__}")
+
+    def integer(self, value, field: str, minimum: int = 0) -> None:
+        if not _is_int(value) or value < minimum:
+            self.fail(field, f"must be an integer >= {minimum}, got {value!r:.80}")
+
+    def optional(self, data: dict, key: str, where: str, kinds: tuple):
+        value = data.get(key)
+        if value is not None and not isinstance(value, kinds):
+            self.fail(f"{where}.{key}", f"must be null or {' or '.join(k.__name__ for k in kinds)}, "
+                                        f"got {type(value).__name__}")
+        return value
+
+    def inside(self, name, field: str) -> str:
+        if not isinstance(name, str) or escapes_package(name):
+            self.fail(field, f"is {name!r:.200}: a package file must be a relative path inside the package "
+                             "('folder/file.onnx': no leading '/', no '..', no backslash or control characters)")
+        return name
+
+    def listed(self, name, field: str) -> str:
+        self.inside(name, field)
+        if name not in self.files:
+            self.fail(field, f"names {name!r}, which is not listed under files (every file the runtime opens "
+                             "is listed there with its sha256)")
+        return name
+
+    def file_table(self, files: dict) -> None:
+        for name, entry in files.items():
+            where = f"files[{name!r:.200}]"
+            self.inside(name, where)
+            self.require(entry, "file", where)
+            if not SHA256.fullmatch(entry["sha256"]):
+                self.fail(f"{where}.sha256", f"must be 64 lowercase hex digits, got {entry['sha256']!r:.80}")
+            self.integer(entry["bytes"], f"{where}.bytes")
+        self.files = files
+
+    def tokenizer(self, data: dict, vocab_size: int) -> None:
+        self.require(data, "tokenizer", "tokenizer")
+        for i, name in enumerate(data["files"]):
+            self.listed(name, f"tokenizer.files[{i}]")
+        if TOKENIZER_JSON not in data["files"]:
+            self.fail("tokenizer.files", f"lacks {TOKENIZER_JSON}, which the runtime reads")
+        for i, token in enumerate(data["eos_token_ids"]):
+            if not _is_int(token) or not 0 <= token < vocab_size:
+                self.fail(f"tokenizer.eos_token_ids[{i}]", f"is {token!r:.80}; valid: a token id 0..{vocab_size - 1}")
+        for key in ("chat_template", "bos_token", "eos_token"):
+            self.optional(data, key, "tokenizer", (str,))
+
+    def section(self, data, name: str, dtype: str) -> ModelSection:
+        self.require(data, name, name)
+        dims = data["dims"]
+        for key in DIMS + (MOE_DIMS if name == "target" else ()):
+            self.integer(dims.get(key), f"{name}.dims.{key}", minimum=1)
+        if name == "target" and dims["top_k"] > dims["num_experts"]:
+            self.fail(f"{name}.dims.top_k", f"is {dims['top_k']}, more than num_experts ({dims['num_experts']})")
+        entries = data["layers"]
+        if len(entries) != dims["num_layers"]:
+            self.fail(f"{name}.layers", f"has {len(entries)} entries; {name}.dims.num_layers says {dims['num_layers']} "
+                                        "(a model has at least one layer)")
+        layers = tuple(self.layer(entry, i, f"{name}.layers[{i}]", moe_allowed=name == "target")
+                       for i, entry in enumerate(entries))
+        experts = None
+        if name == "target":
+            if not any(layer.kind == "moe" for layer in layers):
+                self.fail("target.layers", "has no 'moe' layer; the target is a Mixture-of-Experts model")
+            experts = self.experts(data["experts"], dims, dtype, [layer.index for layer in layers if layer.kind == "moe"])
+        return ModelSection(data["architecture"], data["model_type"], dims,
+                            self.listed(data["embed"], f"{name}.embed"), self.listed(data["head"], f"{name}.head"),
+                            layers, experts)
+
+    def layer(self, entry, i: int, where: str, moe_allowed: bool) -> Layer:
+        self.require(entry, "layer", where)
+        if entry["index"] != i:
+            self.fail(f"{where}.index", f"is {entry['index']}; layers are listed in order, so it must be {i}")
+        kinds = ("moe", "dense") if moe_allowed else ("dense",)
+        if entry["kind"] not in kinds:
+            self.fail(f"{where}.kind", f"is {entry['kind']!r:.80}; valid: {', '.join(map(repr, kinds))}")
+        window = self.optional(entry, "sliding_window", where, (int,))
+        if window is not None and (isinstance(window, bool) or window < 1):
+            self.fail(f"{where}.sliding_window", f"must be null or an integer >= 1, got {window!r}")
+        shapes = entry["kv_shapes"]
+        if not (len(shapes) == 2 and all(isinstance(s, list) and len(s) == 4 and all(_is_int(d) and d >= 0 for d in s)
+                                         and s[0] == 1 and s[2] == 0 for s in shapes)):
+            self.fail(f"{where}.kv_shapes", f"must be two shapes [1, heads, 0, dim] of integers, got {shapes!r:.120}")
+        return Layer(i, entry["kind"], self.listed(entry["file"], f"{where}.file"), window,
+                     tuple(tuple(s) for s in shapes))
+
+    def experts(self, raw, dims: dict, dtype: str, moe_layers: list[int]) -> Experts:
+        self.require(raw, "experts", "target.experts")
+        spec = raw["spec"]
+        variant = spec.get("variant")
+        if variant not in EXPERT_VARIANTS:
+            self.fail("target.experts.spec.variant", f"is {variant!r:.80}; valid: {', '.join(EXPERT_VARIANTS)}")
+        for key in EXPERT_VARIANTS[variant]:
+            if isinstance(spec.get(key), bool) or not isinstance(spec.get(key), (int, float)):
+                self.fail(f"target.experts.spec.{key}", f"must be a number for variant {variant}, "
+                                                        f"got {spec.get(key)!r:.80}")
+        layout = expert_tensors(variant, dims["hidden_size"], dims["expert_intermediate_size"], dtype)
+        expected = [{"name": t.name, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes} for t in layout]
+        if raw["tensors"] != expected:
+            self.fail("target.experts.tensors", f"do not match the {variant} layout of hidden_size "
+                                                f"{dims['hidden_size']} and expert_intermediate_size "
+                                                f"{dims['expert_intermediate_size']} in {dtype}: expected {expected}")
+        total = sum(t.nbytes for t in layout)
+        if raw["bytes_per_expert"] != total:
+            self.fail("target.experts.bytes_per_expert", f"is {raw['bytes_per_expert']}; the tensors take {total}")
+        experts = Experts(spec, tuple(raw["tensors"]), total, self.file_pattern(raw["file_pattern"]))
+        self.expert_files(experts, moe_layers, dims["num_experts"])
+        return experts
+
+    def file_pattern(self, pattern: str) -> str:
+        """Only {layer} and {expert}, zero-padded at most: a format string from a stranger could
+        otherwise reach attributes ({layer.__class__})."""
+        try:
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(pattern)
+                      if name is not None]
+        except ValueError as error:
+            self.fail("target.experts.file_pattern", f"is not a valid pattern ({error}): {pattern!r:.200}")
+        if sorted(name for name, _, _ in fields) != ["expert", "layer"] or any(
+                conversion or not PATTERN_SPEC.fullmatch(spec) for _, spec, conversion in fields):
+            self.fail("target.experts.file_pattern", f"is {pattern!r:.200}; it must hold {{layer}} and {{expert}} "
+                                                     "once each, with at most a zero-padded width like {layer:03d}")
+        return pattern
+
+    def expert_files(self, experts: Experts, moe_layers: list[int], num_experts: int) -> None:
+        """Every (MoE layer, expert) has its .onnx and .data listed, and no other file matches the
+        pattern: num_experts and the MoE layers agree with what was exported."""
+        expected = set()
+        for layer in moe_layers:
+            for expert in range(num_experts):
+                for suffix in SUFFIXES:
+                    name = self.inside(experts.path(layer, expert, suffix), "target.experts.file_pattern")
+                    if name not in self.files:
+                        self.fail("target.experts", f"lack layer {layer} expert {expert}: {name} is not listed under "
+                                                    f"files (target.dims.num_experts is {num_experts})")
+                    expected.add(name)
+        matching = re.compile("".join(re.escape(text) + (r"\d+" if name else "")
+                                      for text, name, _, _ in string.Formatter().parse(experts.file_pattern))
+                              + r"\.(onnx|data)")
+        stray = sorted(name for name in self.files if matching.fullmatch(name) and name not in expected)
+        if stray:
+            self.fail("target.dims.num_experts", f"is {num_experts} and the MoE layers (kind 'moe') are {moe_layers}, "
+                                                 f"but files "
+                                                 f"also lists {stray[0]}: they must match the exported experts")
 
 
 def load_manifest(package: str | os.PathLike) -> Manifest:
+    """Read and check manifest.yaml, and check that every listed file is a regular file of its
+    recorded size inside the package; no package file but the manifest is opened."""
     root = Path(package)
     path = root / MANIFEST
     if not root.is_dir():
         raise ManifestError(f"package {root} does not exist or is not a directory (make one with spac-export)")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ManifestError(f"{path} is missing: {root} is not a spac package (make one with spac-export)")
+    _regular_file(root, MANIFEST)
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path} is not valid YAML: {error}") from None
-    _require(data, "", "", path)
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: bad dates, bad UTF-8
+        raise ManifestError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    reader = _Reader(path)
+    reader.require(data, "", "")
     if data["schema_version"] != SCHEMA_VERSION:
         raise ManifestError(f"{path}: schema_version {data['schema_version']} is not supported; this runtime "
                             f"reads version {SCHEMA_VERSION} (re-export the package with this spac-export)")
-    _require(data["tokenizer"], "tokenizer", "tokenizer", path)
-    draft = _model_section(data["draft"], "draft", path) if data.get("draft") else None
-    return Manifest(root, data, _model_section(data["target"], "target", path), draft)
+    if data["dtype"] not in DTYPES:
+        reader.fail("dtype", f"is {data['dtype']!r:.80}; valid: {', '.join(DTYPES)}")
+    reader.file_table(data["files"])
+    target = reader.section(data["target"], "target", data["dtype"])
+    draft = reader.section(data["draft"], "draft", data["dtype"]) if data.get("draft") is not None else None
+    reader.tokenizer(data["tokenizer"], target.dims["vocab_size"])
+    experts = target.experts
+    expert_data = frozenset(experts.path(layer, expert, ".data") for layer in target.moe_layers
+                            for expert in range(target.dims["num_experts"]))
+    manifest = Manifest(root, data, target, draft, expert_data)
+    for name in manifest.files:
+        _check_size(manifest, name, _regular_file(root, name).st_size)
+    return manifest
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -163,25 +339,60 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_file(manifest: Manifest, name: str, data: bytes | None = None) -> None:
-    """Check one package file against its recorded size and sha256 (from `data` when the caller
-    already read it, so paging in an expert hashes the bytes it read instead of reading twice)."""
-    entry = manifest.files.get(name)
-    if entry is None:
-        raise ManifestError(f"{manifest.root / MANIFEST}: file {name} is not listed under files")
-    path = manifest.root / name
-    if data is None:
-        if not path.is_file():
-            raise ManifestError(f"package file {path} is missing")
-        size = path.stat().st_size
-    else:
-        size = len(data)
-    if size != entry["bytes"]:
-        raise ManifestError(f"package file {path} has {size} bytes, the manifest says {entry['bytes']}: "
+def _regular_file(root: Path, name: str) -> os.stat_result:
+    """The file's lstat, once it is known to be a regular file, not a link, inside the package."""
+    path = root / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise ManifestError(f"package file {path} is missing") from None
+    except OSError as error:
+        raise ManifestError(f"package file {path} cannot be read: {error.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise ManifestError(f"package file {path} is a symbolic link; a package holds its files itself")
+    if not stat.S_ISREG(info.st_mode):
+        raise ManifestError(f"package file {path} is not a regular file (a folder, FIFO or device)")
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise ManifestError(f"package file {path} lies outside the package (a folder on its path is a symbolic "
+                            f"link to {os.path.dirname(real)})")
+    return info
+
+
+def _check_size(manifest: Manifest, name: str, size: int) -> None:
+    expected = manifest.files[name]["bytes"]
+    if size != expected:
+        raise ManifestError(f"package file {manifest.root / name} has {size} bytes, the manifest says {expected}: "
                             "the package is corrupt or incomplete (re-export it)")
-    digest = sha256_file(path) if data is None else hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise ManifestError(f"package file {path} fails its sha256 check: the package is corrupt (re-export it)")
+
+
+def verify_file(manifest: Manifest, name: str, data: bytes | None = None) -> None:
+    """Check one package file before its first use: listed, a regular file inside the package,
+    of its recorded size and sha256 (from `data` when the caller already read it, so paging in
+    an expert hashes the bytes it read instead of reading twice); a graph must also be ONNX that
+    agrees with the manifest and keeps its external data in listed package files."""
+    if name not in manifest.files:
+        raise ManifestError(f"{manifest.root / MANIFEST}: file {name} is not listed under files")
+    info = _regular_file(manifest.root, name)
+    _check_size(manifest, name, info.st_size if data is None else len(data))
+    digest = sha256_file(manifest.root / name) if data is None else hashlib.sha256(data).hexdigest()
+    if digest != manifest.files[name]["sha256"]:
+        raise ManifestError(f"package file {manifest.root / name} fails its sha256 check: the package is corrupt "
+                            "(re-export it)")
+    if name.endswith(".onnx"):
+        from .graphs import check_graph  # onnx is parsed only where a graph is verified
+
+        check_graph(manifest, name, data)
+
+
+def read_verified(manifest: Manifest, name: str) -> bytes:
+    """A small package file's bytes, verified: what is parsed is exactly what was hashed."""
+    if name not in manifest.files:
+        raise ManifestError(f"{manifest.root / MANIFEST}: file {name} is not listed under files")
+    _regular_file(manifest.root, name)
+    data = (manifest.root / name).read_bytes()
+    verify_file(manifest, name, data)
+    return data
 
 
 def current_umask() -> int:

@@ -65,6 +65,7 @@ class Runtime:
         `device_tier="cpu"` runs the device tier (slots, balancer plans) on the CPU EP, to
         exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions)."""
         self.manifest = load_manifest(package)
+        self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
         self.draft_len = self.profile.draft_len if draft_len is None else draft_len
@@ -82,7 +83,6 @@ class Runtime:
                                   provider=self.provider)
         self.draft = (ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
                       if self.manifest.draft else None)
-        self.tokenizer = TextTokenizer(self.manifest)
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.last_result: GenerationResult | None = None
 

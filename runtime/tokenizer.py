@@ -1,20 +1,31 @@
 """The package's tokenizer via the `tokenizers` library (no transformers on the device), with the
-model's chat template rendered by jinja2 the way transformers renders it."""
+model's chat template rendered in a sandbox the way transformers renders it (chat_template.py)."""
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from tokenizers import Tokenizer
 
-from .manifest import Manifest, ManifestError
+from .chat_template import ChatTemplate
+from .manifest import MANIFEST, TOKENIZER_JSON, Manifest, ManifestError, read_verified
+
+
+def load_tokenizer(manifest: Manifest) -> Tokenizer:
+    """tokenizer.json parsed from the very bytes that passed its sha256 check."""
+    data = read_verified(manifest, TOKENIZER_JSON)
+    try:
+        return Tokenizer.from_str(data.decode())
+    except Exception as error:  # tokenizers raises plain Exception for bad JSON or a bad model
+        raise ManifestError(f"package file {manifest.root / TOKENIZER_JSON} is not a valid tokenizers "
+                            f"tokenizer.json: {' '.join(str(error).split())[:200]}") from None
 
 
 class TextTokenizer:
     def __init__(self, manifest: Manifest):
         meta = manifest.tokenizer
-        path = manifest.root / "tokenizer" / "tokenizer.json"
-        if not path.is_file():
-            raise ManifestError(f"package file {path} is missing")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        self.manifest = manifest
+        self.tokenizer = load_tokenizer(manifest)
         self.vocab_size = manifest.target.dims["vocab_size"]
         self.eos_token_ids = frozenset(meta["eos_token_ids"])
         self.chat_template = meta.get("chat_template")
@@ -26,14 +37,17 @@ class TextTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict]) -> str:
+    @cached_property
+    def _template(self) -> ChatTemplate:
+        # Compiled on first use: a package whose template does not compile still runs text prompts.
+        return ChatTemplate(self.chat_template, f"{self.manifest.root / MANIFEST}: tokenizer.chat_template")
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """The prompt text for chat messages; `template_kwargs` reach the template (enable_thinking,
+        tools, ...) and override the special tokens. Raises ChatTemplateError (a ValueError)."""
         if not self.chat_template:
             raise ValueError("this model's tokenizer has no chat template: pass the prompt as text or token ids")
-        import jinja2
-
-        environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-        template = environment.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=True, **self.special)
+        return self._template.render(messages, add_generation_prompt, **{**self.special, **template_kwargs})
 
     def encode_prompt(self, prompt) -> list[int]:
         """A prompt as text, as token ids, or as chat messages ([{"role": ..., "content": ...}])."""
