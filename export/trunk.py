@@ -6,6 +6,7 @@ model because the KV cache must be explicit tensors and the routed experts must 
 
 Graphs and their interfaces (batch is always 1; T new tokens, P cached positions):
   embed:  input_ids[1,T] int64, position_ids[1,T] int64 -> hidden[1,T,H], rope_cos, rope_sin
+          (a complex rotary embedding travels as its real and imaginary parts)
   layer:  hidden[1,T,H], rope_cos, rope_sin, past_* -> (dense)  hidden_out[1,T,H], present_*
                                            -> (moe)    residual[1,T,H], moe_input[T,H],
                                                        topk_ids[T,k] int64, topk_weights[T,k], present_*
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import io
 import warnings
-from contextlib import redirect_stdout
+from contextlib import nullcontext, redirect_stdout
 
 import onnx
 import torch
 from torch import nn
 
+from .attention import RealComplex, real_rotary
 from .families import Family
 from .fusion import fuse_rms_norms, fuse_sibling_matmuls
 
@@ -32,6 +34,7 @@ from .fusion import fuse_rms_norms, fuse_sibling_matmuls
 # kernels need ORT >= 1.23 (Attention on the CUDA EP later still).
 OPSET = 20
 INLINE_WEIGHTS_LIMIT = 2**31 - 2**26  # bytes of weights a graph file holds inside (protobuf's cap, less room)
+NEW_TOKENS, PAST = torch.export.Dim("new_tokens", min=1, max=4096), torch.export.Dim("past", min=0, max=65536)
 
 
 class ExplicitKV:
@@ -65,15 +68,18 @@ def causal_mask(past_len, new_len, window: int | None, dtype) -> torch.Tensor:
 
 
 class EmbedGraph(nn.Module):
-    def __init__(self, model):
+    def __init__(self, family: Family, model):
         super().__init__()
+        self.complex_rotary = family.rotary == "complex"
         self.embed_tokens = model.model.embed_tokens
         self.rotary_emb = model.model.rotary_emb
 
     def forward(self, input_ids, position_ids):
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(hidden, position_ids)
-        return hidden, cos, sin
+        rotary = self.rotary_emb(hidden, position_ids)
+        if self.complex_rotary:  # ONNX has no complex tensors
+            return hidden, rotary.real, rotary.imag
+        return hidden, *rotary
 
 
 class LayerGraph(nn.Module):
@@ -83,20 +89,23 @@ class LayerGraph(nn.Module):
     def __init__(self, family: Family, model, index: int):
         super().__init__()
         layer = model.model.layers[index]
+        self.index = index
         self.family = family
         self.window = family.sliding_window(model.config, index)
+        self.complex_rotary = family.rotary == "complex"
         self.is_moe = family.is_moe_layer(layer)
         self.input_layernorm = layer.input_layernorm
         self.self_attn = layer.self_attn
         self.post_attention_layernorm = layer.post_attention_layernorm
         if self.is_moe:
-            self.router = family.router(layer.mlp)
+            self.router = family.router_of(layer.mlp)
             self.shared = family.shared_modules(layer.mlp)
         else:
             self.mlp = layer.mlp
 
     def attend(self, hidden, cos, sin, cache: ExplicitKV, mask=None):
-        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=(cos, sin),
+        rotary = RealComplex(cos, sin) if self.complex_rotary else (cos, sin)
+        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=rotary,
                                  attention_mask=mask, cache=cache)
         return hidden + attn
 
@@ -124,10 +133,10 @@ class HeadGraph(nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
-def kv_shapes(layer_graph: LayerGraph, model) -> list[list[int]]:
+def kv_shapes(layer_graph: LayerGraph, embed: EmbedGraph) -> list[list[int]]:
     """Shapes [1, heads, 0, dim] of a layer's two cache tensors, found by running it on one token."""
     ids = torch.zeros(1, 1, dtype=torch.long)
-    hidden, cos, sin = EmbedGraph(model)(ids, ids)
+    hidden, cos, sin = embed(ids, ids)
     recorder = ExplicitKV(None)
     with torch.no_grad():
         layer_graph.attend(hidden, cos, sin, recorder)
@@ -154,27 +163,34 @@ def export_graph(module: nn.Module, args: tuple, input_names, output_names, dyna
 
 def export_trunk(family: Family, model, out_dir, progress) -> dict:
     """Export embed, every layer and head of `model` into out_dir; returns the manifest section."""
-    T, P = torch.export.Dim("new_tokens", min=1, max=4096), torch.export.Dim("past", min=0, max=65536)
-    hidden_size, dtype = model.config.hidden_size, model.dtype
     # Distinct example tensors: the exporter aliases inputs given as the same tensor object.
     example_ids, example_positions = torch.tensor([[7, 3, 5]]), torch.arange(3)[None]
-    export_graph(EmbedGraph(model), (example_ids, example_positions), ["input_ids", "position_ids"],
-                 ["hidden", "rope_cos", "rope_sin"], {"input_ids": {1: T}, "position_ids": {1: T}}, out_dir / "embed.onnx")
-    _, cos, sin = EmbedGraph(model)(example_ids, example_positions)
-    layers = []
-    for index in range(model.config.num_hidden_layers):
-        layer_graph = LayerGraph(family, model, index)
-        shapes = kv_shapes(layer_graph, model)
-        past = tuple(torch.zeros(s[0], s[1], 2, s[3], dtype=dtype) for s in shapes)
-        hidden = torch.zeros(1, 3, hidden_size, dtype=dtype)
-        outputs = (["residual", "moe_input", "topk_ids", "topk_weights"] if layer_graph.is_moe else ["hidden_out"])
-        dyn = {"hidden": {1: T}, "cos": {1: T}, "sin": {1: T}, "past_first": {2: P}, "past_second": {2: P}}
-        file = f"layer_{index:03d}.onnx"
-        export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first", "past_second"],
-                     [*outputs, "present_first", "present_second"], dyn, out_dir / file)
-        layers.append({"index": index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
-                       "sliding_window": layer_graph.window, "kv_shapes": shapes})
-        progress(f"layer {index}")
-    export_graph(HeadGraph(model), (torch.zeros(1, 3, hidden_size, dtype=dtype),), ["hidden"], ["logits"],
-                 {"hidden": {1: T}}, out_dir / "head.onnx")
+    embed = EmbedGraph(family, model)
+    export_graph(embed, (example_ids, example_positions), ["input_ids", "position_ids"],
+                 ["hidden", "rope_cos", "rope_sin"], {"input_ids": {1: NEW_TOKENS}, "position_ids": {1: NEW_TOKENS}},
+                 out_dir / "embed.onnx")
+    _, cos, sin = embed(example_ids, example_positions)
+    rotary = real_rotary(model.model.layers[0].self_attn) if family.rotary == "complex" else nullcontext()
+    with rotary:
+        layers = [export_layer(LayerGraph(family, model, index), embed, cos, sin, out_dir, progress)
+                  for index in range(model.config.num_hidden_layers)]
+    export_graph(HeadGraph(model), (torch.zeros(1, 3, model.config.hidden_size, dtype=model.dtype),), ["hidden"],
+                 ["logits"], {"hidden": {1: NEW_TOKENS}}, out_dir / "head.onnx")
     return {"embed": "embed.onnx", "head": "head.onnx", "layers": layers}
+
+
+def export_layer(layer_graph: LayerGraph, embed: EmbedGraph, cos, sin, out_dir, progress) -> dict:
+    """Export one layer graph; returns its manifest entry."""
+    shapes = kv_shapes(layer_graph, embed)
+    dtype = embed.embed_tokens.weight.dtype
+    past = tuple(torch.zeros(s[0], s[1], 2, s[3], dtype=dtype) for s in shapes)
+    hidden = torch.zeros(1, 3, embed.embed_tokens.weight.shape[1], dtype=dtype)
+    outputs = ["residual", "moe_input", "topk_ids", "topk_weights"] if layer_graph.is_moe else ["hidden_out"]
+    dyn = {"hidden": {1: NEW_TOKENS}, "cos": {1: NEW_TOKENS}, "sin": {1: NEW_TOKENS}, "past_first": {2: PAST},
+           "past_second": {2: PAST}}
+    file = f"layer_{layer_graph.index:03d}.onnx"
+    export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first", "past_second"],
+                 [*outputs, "present_first", "present_second"], dyn, out_dir / file)
+    progress(f"layer {layer_graph.index}")
+    return {"index": layer_graph.index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
+            "sliding_window": layer_graph.window, "kv_shapes": shapes}
