@@ -9,7 +9,7 @@ eager's (scores scaled after the product, float32 softmax), so it rounds as the 
 
 Models with attention sinks (GPT-OSS) keep transformers' own "eager" (see families.py).
 
-A complex rotary embedding (DeepSeek-V2) is exported in real arithmetic (`real_rotary`).
+A complex rotary embedding (DeepSeek-V2, Llama 4) is exported in real arithmetic (`real_rotary`).
 """
 
 from __future__ import annotations
@@ -51,20 +51,21 @@ AttentionMaskInterface.register(NAME, eager_mask)
 
 class RealComplex:
     """A complex rotary embedding [B, T, D/2] as its real and imaginary parts: ONNX has no complex
-    tensors. `to` is there because DeepSeek-V2's attention moves its rotary embedding to the
-    query's device before applying it."""
+    tensors. `heads_axis` is where the queries given to apply_rotary_emb have their heads: 1 for
+    [B, H, T, D] (DeepSeek-V2), 2 for [B, T, H, D] (Llama 4). `to` is there because both models
+    move the embedding to the query's device before applying it."""
 
-    def __init__(self, real: torch.Tensor, imag: torch.Tensor):
-        self.real, self.imag = real, imag
+    def __init__(self, real: torch.Tensor, imag: torch.Tensor, heads_axis: int):
+        self.real, self.imag, self.heads_axis = real, imag, heads_axis
 
     def to(self, *args, **kwargs) -> RealComplex:
         return self
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs: RealComplex):
-    """transformers' complex apply_rotary_emb (DeepSeek-V2) in real arithmetic: each pair of
-    channels (a, b) is the complex number a + bi, multiplied by the embedding c + di."""
-    cos, sin = freqs.real.unsqueeze(1), freqs.imag.unsqueeze(1)  # [B, 1, T, D/2]: broadcast over heads
+    """transformers' complex apply_rotary_emb (DeepSeek-V2, Llama 4) in real arithmetic: each pair
+    of channels (a, b) is the complex number a + bi, multiplied by the embedding c + di."""
+    cos, sin = freqs.real.unsqueeze(freqs.heads_axis), freqs.imag.unsqueeze(freqs.heads_axis)
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         pairs = x.float().reshape(*x.shape[:-1], -1, 2)

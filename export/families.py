@@ -3,20 +3,27 @@
 The trunk graphs run the model's own modules (attention, norms, rotary embedding, router, shared
 experts), so most parts only say where a module sits and how its tensors are laid out:
 
+  mlp         the decoder layer's attribute holding its MoE block or dense MLP ("feed_forward"
+              in Llama 4); dense layers are those whose block has no `experts`.
   router      the MoE block's attribute holding it. Every supported router (softmax, sigmoid,
               grouped, bias-corrected; normalised or scaled top-k) is the model's own module
               returning (logits, top-k weights, top-k ids), so its arithmetic is the model's.
+  scales      what the router's weight scales: "output" (each expert's output, as the runtime
+              combines them) or "input" (Llama 4: a sigmoid of the top-1 logit scales the expert's
+              input; the trunk then hands the runtime the scaled input and a weight of 1, so only
+              top-1 routing is supported).
   experts     the routed experts' weight layout, a key of EXPERT_LAYOUTS: how one expert's
               tensors are sliced into spac.ops.expert_graph's layout and which graph variant
               (activation, biases, clamps) computes it.
   shared      the always-on experts, found by name (SHARED_EXPERTS); a `shared_expert_gate`
               scales them by a sigmoid.
-  dense       which layers are dense MLPs: those whose `mlp` has no `experts`.
-  windows     which layers attend through a sliding window: "layer_types" (config.layer_types
-              says per layer), "all" (config.sliding_window for every layer) or None.
-  rotary      the rotary embedding's output: "cos_sin" (a pair of real tensors) or "complex"
-              (one complex tensor, DeepSeek-V2), carried between graphs as its real and
-              imaginary parts.
+  windows     which layers attend through a sliding window or in chunks: "layer_types"
+              (config.layer_types says per layer: config.sliding_window for "sliding_attention",
+              config.attention_chunk_size for "chunked_attention"), "all" (config.sliding_window
+              for every layer) or None.
+  rotary      the rotary embedding's output: "cos_sin" (a pair of real tensors) or one complex
+              tensor, carried between graphs as its real and imaginary parts: "complex" for
+              queries [B, H, T, D] (DeepSeek-V2), "complex_tokens_first" for [B, T, H, D] (Llama 4).
   attention   the attention function the trunk is exported with: spac's grouped eager attention
               (GQA and MLA alike; sliding windows, q/k norms and partial rotary are the model's
               module) or transformers' "eager", for attention sinks.
@@ -43,10 +50,12 @@ class ExportError(Exception):
 
 SHARED_EXPERTS = ("shared_expert", "shared_expert_gate", "shared_experts", "shared_mlp")
 ROUTERS = ("gate", "router")
-# Layer types that attend over a KV cache. Others (linear attention, Mamba) carry a recurrent
-# state, which speculative decoding would have to roll back on rejection: not supported.
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
-RECURRENT_LAYER_TYPES = ("linear_attention", "mamba")  # gated delta-net, lightning attention, Mamba
+# Layer types that attend over a KV cache. Others are refused; those that carry a recurrent
+# state (gated delta-net, lightning attention, Mamba) would need it rolled back on rejection.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+RECURRENT_LAYER_TYPES = ("linear_attention", "mamba")
+# Where a complex rotary embedding's queries have their heads (see attention.RealComplex).
+COMPLEX_ROTARY_HEADS_AXIS = {"complex": 1, "complex_tokens_first": 2}
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -70,6 +79,11 @@ def _oss_weights(experts: nn.Module, expert: int) -> dict[str, np.ndarray]:
     }
 
 
+def _in_out_weights(experts: nn.Module, expert: int) -> dict[str, np.ndarray]:
+    # Llama 4: gate_up_proj [E, H, 2I] (gate columns, then up) and down_proj [E, I, H], as x @ w.
+    return {"w_gate_up": _numpy(experts.gate_up_proj[expert]), "w_down": _numpy(experts.down_proj[expert])}
+
+
 def _silu_spec(config) -> dict:
     return {"variant": "swiglu"}
 
@@ -81,6 +95,7 @@ def _oss_spec(config) -> dict:
 # layout -> (one expert's tensors in expert_graph's layout, the expert graph's spec)
 EXPERT_LAYOUTS = {
     "gate_up": (_silu_weights, _silu_spec),
+    "gate_up_in_out": (_in_out_weights, _silu_spec),
     "gate_up_interleaved_biased": (_oss_weights, _oss_spec),
 }
 
@@ -88,24 +103,45 @@ EXPERT_LAYOUTS = {
 @dataclass(frozen=True)
 class Family:
     model_type: str
+    mlp: str = "mlp"
     router: str = "gate"
+    scales: str = "output"
     experts: str = "gate_up"
     windows: str | None = None
     rotary: str = "cos_sin"
     attention: str = ATTENTION
     moe: bool = True
 
+    def mlp_of(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp)
+
     def is_moe_layer(self, layer: nn.Module) -> bool:
-        return hasattr(layer.mlp, "experts")
+        return hasattr(self.mlp_of(layer), "experts")
 
     def router_of(self, mlp: nn.Module) -> nn.Module:
         return getattr(mlp, self.router)
 
-    @staticmethod
-    def route(router: nn.Module, flat: torch.Tensor):
-        """Top-k expert ids and weights [T, k], exactly as the model's router computes them."""
+    @property
+    def complex_rotary_heads_axis(self) -> int | None:
+        return COMPLEX_ROTARY_HEADS_AXIS.get(self.rotary)
+
+    def route(self, router: nn.Module, flat: torch.Tensor):
+        """(The routed experts' input [T, H], top-k expert ids and weights [T, k]), exactly as the
+        model's router computes them."""
+        if self.scales == "input":  # Llama 4: scores [T, E], sigmoid of the top-1 logit, else 0
+            scores, logits = router(flat)
+            ids = torch.topk(logits, 1, dim=1).indices
+            weight = scores.gather(1, ids)
+            return flat * weight, ids, torch.ones_like(weight)
         _, weights, ids = router(flat)
-        return ids, weights
+        return flat, ids, weights
+
+    def unsupported(self, config) -> str | None:
+        """Why this config of the family cannot be exported, or None."""
+        if self.scales == "input" and config.num_experts_per_tok != 1:
+            return (f"num_experts_per_tok {config.num_experts_per_tok}: its router scales each expert's input, "
+                    "so only top-1 routing gives every expert the same input (valid: 1)")
+        return None
 
     @staticmethod
     def shared_modules(mlp: nn.Module) -> nn.ModuleDict:
@@ -126,6 +162,12 @@ class Family:
             return getattr(config, "sliding_window", None)
         return None
 
+    def attention_chunk(self, config, index: int) -> int | None:
+        """The chunk a "chunked_attention" layer attends within (Llama 4), or None."""
+        if self.windows == "layer_types" and config.layer_types[index] == "chunked_attention":
+            return config.attention_chunk_size
+        return None
+
     def expert_weights(self, experts: nn.Module, expert: int) -> dict[str, np.ndarray]:
         """One expert's tensors in the layout of spac.ops.expert_graph: x @ w_gate_up -> [gate | up],
         then act(gate) * up @ w_down."""
@@ -133,9 +175,10 @@ class Family:
 
     def expert_spec(self, config) -> dict:
         """The expert graph's variant and constants, as recorded in the manifest."""
-        if self.experts == "gate_up" and config.hidden_act != "silu":
+        spec = EXPERT_LAYOUTS[self.experts][1](config)
+        if spec["variant"] == "swiglu" and config.hidden_act != "silu":
             raise ExportError(f"hidden_act {config.hidden_act!r} is not supported for routed experts; valid: 'silu'")
-        return EXPERT_LAYOUTS[self.experts][1](config)
+        return spec
 
     @staticmethod
     def moe_dims(config) -> dict:
@@ -155,6 +198,8 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family("deepseek_v3"),
     "dots1": Family("dots1", windows="layer_types"),
     "hunyuan_v1_moe": Family("hunyuan_v1_moe"),
+    "llama4_text": Family("llama4_text", mlp="feed_forward", router="router", scales="input",
+                          experts="gate_up_in_out", windows="layer_types", rotary="complex_tokens_first"),
     "gpt_oss": Family("gpt_oss", router="router", experts="gate_up_interleaved_biased", windows="layer_types",
                       attention="eager"),
 }
@@ -176,7 +221,9 @@ def family_for(config, *, draft: bool) -> Family:
                           f"supported MoE families: {', '.join(FAMILIES)}")
     refusal = _unsupported_layer_type(config)
     if refusal is None and model_type in table:
-        return table[model_type]
+        refusal = table[model_type].unsupported(config)
+        if refusal is None:
+            return table[model_type]
     role = "draft (a dense causal LM)" if draft else "target (a Mixture-of-Experts causal LM)"
     if refusal is None and not draft:
         family, refusal = recognise(config)

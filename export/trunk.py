@@ -11,7 +11,9 @@ Graphs and their interfaces (batch is always 1; T new tokens, P cached positions
                                            -> (moe)    residual[1,T,H], moe_input[T,H],
                                                        topk_ids[T,k] int64, topk_weights[T,k], present_*
           where for MoE layers residual already holds the attention residual plus the shared
-          experts, so the runtime only adds the weighted routed-expert outputs.
+          experts, so the runtime only adds the weighted routed-expert outputs. moe_input is
+          the routed experts' input: the normed hidden state, or for a router that scales the
+          input (Llama 4) that state times the top-1 weight, with topk_weights then 1.
   head:   hidden[1,T,H] -> logits[1,T,V]
 """
 
@@ -46,6 +48,10 @@ class ExplicitKV:
         self.past = past
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def get_seq_length(self, layer_idx: int = 0):
+        """Cached positions (Llama 4's attention temperature grows with them)."""
+        return 0 if self.past is None else self.past[0].shape[2]
+
     def update(self, first, second, layer_idx, *args, **kwargs):
         if self.past is None:
             self.present = (first, second)
@@ -54,14 +60,17 @@ class ExplicitKV:
         return self.present
 
 
-def causal_mask(past_len, new_len, window: int | None, dtype) -> torch.Tensor:
-    """Additive mask [1,1,T,P+T]: a query at absolute position q sees keys k <= q, and with a
-    sliding window only k > q - window (transformers' sliding_window_overlay)."""
+def causal_mask(past_len, new_len, window: int | None, dtype, chunk: int | None = None) -> torch.Tensor:
+    """Additive mask [1,1,T,P+T]: a query at absolute position q sees keys k <= q, with a sliding
+    window only k > q - window (transformers' sliding_window_overlay), and in chunks only keys
+    of its own chunk (chunked_overlay)."""
     q = torch.arange(new_len) + past_len
     k = torch.arange(past_len + new_len)
     allowed = k[None, :] <= q[:, None]
     if window is not None:
         allowed = allowed & (k[None, :] > q[:, None] - window)
+    if chunk is not None:
+        allowed = allowed & (k[None, :] // chunk == q[:, None] // chunk)
     zero = torch.zeros((), dtype=dtype)
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
     return torch.where(allowed, zero, blocked)[None, None]
@@ -70,7 +79,7 @@ def causal_mask(past_len, new_len, window: int | None, dtype) -> torch.Tensor:
 class EmbedGraph(nn.Module):
     def __init__(self, family: Family, model):
         super().__init__()
-        self.complex_rotary = family.rotary == "complex"
+        self.complex_rotary = family.complex_rotary_heads_axis is not None
         self.embed_tokens = model.model.embed_tokens
         self.rotary_emb = model.model.rotary_emb
 
@@ -92,35 +101,37 @@ class LayerGraph(nn.Module):
         self.index = index
         self.family = family
         self.window = family.sliding_window(model.config, index)
-        self.complex_rotary = family.rotary == "complex"
+        self.chunk = family.attention_chunk(model.config, index)
+        self.rotary_heads_axis = family.complex_rotary_heads_axis
         self.is_moe = family.is_moe_layer(layer)
         self.input_layernorm = layer.input_layernorm
         self.self_attn = layer.self_attn
         self.post_attention_layernorm = layer.post_attention_layernorm
+        mlp = family.mlp_of(layer)
         if self.is_moe:
-            self.router = family.router_of(layer.mlp)
-            self.shared = family.shared_modules(layer.mlp)
+            self.router = family.router_of(mlp)
+            self.shared = family.shared_modules(mlp)
         else:
-            self.mlp = layer.mlp
+            self.mlp = mlp
 
     def attend(self, hidden, cos, sin, cache: ExplicitKV, mask=None):
-        rotary = RealComplex(cos, sin) if self.complex_rotary else (cos, sin)
+        rotary = (cos, sin) if self.rotary_heads_axis is None else RealComplex(cos, sin, self.rotary_heads_axis)
         attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=rotary,
                                  attention_mask=mask, cache=cache)
         return hidden + attn
 
     def forward(self, hidden, cos, sin, past_first, past_second):
         cache = ExplicitKV((past_first, past_second))
-        mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype)
+        mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype, self.chunk)
         residual = self.attend(hidden, cos, sin, cache, mask)
         moe_input = self.post_attention_layernorm(residual)
         if not self.is_moe:
             return (residual + self.mlp(moe_input), *cache.present)
         flat = moe_input.reshape(-1, moe_input.shape[-1])
-        topk_ids, topk_weights = self.family.route(self.router, flat)
+        routed_input, topk_ids, topk_weights = self.family.route(self.router, flat)
         if self.shared:  # (an add of zeros would cost a decode step four nodes)
             residual = residual + self.family.shared_output(self.shared, flat).reshape(residual.shape)
-        return residual, flat, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype), *cache.present
+        return residual, routed_input, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype), *cache.present
 
 
 class HeadGraph(nn.Module):
@@ -170,7 +181,7 @@ def export_trunk(family: Family, model, out_dir, progress) -> dict:
                  ["hidden", "rope_cos", "rope_sin"], {"input_ids": {1: NEW_TOKENS}, "position_ids": {1: NEW_TOKENS}},
                  out_dir / "embed.onnx")
     _, cos, sin = embed(example_ids, example_positions)
-    rotary = real_rotary(model.model.layers[0].self_attn) if family.rotary == "complex" else nullcontext()
+    rotary = nullcontext() if not embed.complex_rotary else real_rotary(model.model.layers[0].self_attn)
     with rotary:
         layers = [export_layer(LayerGraph(family, model, index), embed, cos, sin, out_dir, progress)
                   for index in range(model.config.num_hidden_layers)]

@@ -142,6 +142,14 @@ MOE_CONFIGS = {
         # An ungated shared MLP beside the routed experts; q/k norms after rotary.
         num_experts=8, intermediate_size=32,
     ),
+    "llama4_text": dict(
+        # Llama 4's text model: top-1 sigmoid routing that scales the expert's input, one shared
+        # expert, MoE every second layer (1, 3), rotary as complex numbers with an L2 q/k norm,
+        # chunked attention (chunks of 8) on rotary layers and a no-rotary full-attention layer
+        # 3 whose attention temperature grows with the position (floor_scale 4 makes it bite).
+        num_local_experts=8, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=128,
+        num_hidden_layers=4, interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=4,
+    ),
     "glm4_moe": dict(
         # Not a table entry: the exporter recognises its parts. Half the head dims rotate.
         num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
@@ -157,6 +165,11 @@ DRAFT_CONFIGS = {
 }
 FAMILIES = tuple(MOE_CONFIGS)
 DRAFT_FAMILIES = tuple(DRAFT_CONFIGS)
+
+
+def moe_block(layer: torch.nn.Module) -> torch.nn.Module:
+    """A decoder layer's MoE block or dense MLP (Llama 4 calls it feed_forward)."""
+    return getattr(layer, "mlp", None) or layer.feed_forward
 
 
 def default_corpus_files() -> list[Path]:

@@ -53,7 +53,8 @@ REFUSED = {
     "minimax": ["layer 1 is a 'linear_attention' layer", "recurrent state"],
     "jamba": ["'linear_attention' layer", "recurrent state"],
     "granitemoehybrid": ["'linear_attention' layer", "recurrent state"],
-    "llama4_text": ["'chunked_attention' layer", "supported layer types: full_attention, sliding_attention"],
+    "llama4_text": ["num_experts_per_tok 2", "scales each expert's input", "valid: 1"],
+    "deepseek_v32": ["layer 0 is a 'indexed_attention' layer", "supported layer types: full_attention"],
     "flex_olmo": ["FlexOlmoDecoderLayer", "post_feedforward_layernorm", "pre-norm"],
     "granitemoe": ["GraniteMoeDecoderLayer", "block_sparse_moe"],
 }
@@ -102,13 +103,18 @@ def test_cli_refuses_a_linear_attention_model_before_loading_it(tmp_path, capsys
     assert not (tmp_path / "pkg").exists()
 
 
-def test_real_rotary_equals_transformers_complex_rotary():
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import apply_rotary_emb as complex_rotary
+@pytest.mark.parametrize("model_type, heads_axis", [("deepseek_v2", 1), ("llama4", 2)])
+def test_real_rotary_equals_transformers_complex_rotary(model_type, heads_axis):
+    """DeepSeek-V2 rotates queries [B, H, T, D], Llama 4 [B, T, H, D]; the embedding is [B, T, D/2]."""
+    import importlib
 
+    complex_rotary = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}").apply_rotary_emb
     gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 4, 5, 8, generator=gen), torch.randn(1, 1, 5, 8, generator=gen)
+    shape = [1, 5, 8]
+    q, k = torch.randn(*shape[:heads_axis], 4, *shape[heads_axis:], generator=gen), \
+        torch.randn(*shape[:heads_axis], 2, *shape[heads_axis:], generator=gen)
     freqs = torch.polar(torch.ones(1, 5, 4), torch.randn(1, 5, 4, generator=gen)) * 1.3
     theirs = complex_rotary(q, k, freqs)
-    ours = apply_rotary_emb(q, k, RealComplex(freqs.real, freqs.imag))
+    ours = apply_rotary_emb(q, k, RealComplex(freqs.real, freqs.imag, heads_axis))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
