@@ -146,7 +146,9 @@ class Family:
     @staticmethod
     def shared_modules(mlp: nn.Module) -> nn.ModuleDict:
         """The always-on experts of a MoE block, empty when the family has none."""
-        return nn.ModuleDict({name: getattr(mlp, name) for name in SHARED_EXPERTS if hasattr(mlp, name)})
+        # (Ernie 4.5 sets shared_experts to None when it has none)
+        return nn.ModuleDict({name: getattr(mlp, name) for name in SHARED_EXPERTS
+                              if getattr(mlp, name, None) is not None})
 
     @staticmethod
     def shared_output(shared: nn.ModuleDict, flat: torch.Tensor) -> torch.Tensor:

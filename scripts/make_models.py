@@ -157,6 +157,11 @@ MOE_CONFIGS = {
         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
         partial_rotary_factor=0.5, use_qk_norm=True,
     ),
+    "ernie4_5_moe": dict(
+        # Recognised too: softmax top-k chosen on bias-corrected scores, a shared expert, layer 0 dense.
+        moe_num_experts=8, moe_k=2, moe_intermediate_size=32, intermediate_size=128,
+        moe_layer_start_index=1, moe_num_shared_experts=1, num_hidden_layers=3,
+    ),
 }
 DRAFT_CONFIGS = {
     "qwen3": dict(head_dim=8),
