@@ -8,9 +8,14 @@ axis and the cache a broadcast one, so the matmuls read the cache as it is. The 
 eager's (scores scaled after the product, float32 softmax), so it rounds as the model does.
 
 Models with attention sinks (GPT-OSS) keep transformers' own "eager" (see families.py).
+
+A complex rotary embedding (DeepSeek-V2, Llama 4) is exported in real arithmetic (`real_rotary`).
 """
 
 from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
 
 import torch
 from torch.nn import functional as F
@@ -42,3 +47,41 @@ def grouped_attention(module, query, key, value, attention_mask, scaling: float,
 AttentionInterface.register(NAME, grouped_attention)
 # The model's own forward (the exporter's reference) then builds eager's additive masks too.
 AttentionMaskInterface.register(NAME, eager_mask)
+
+
+class RealComplex:
+    """A complex rotary embedding [B, T, D/2] as its real and imaginary parts: ONNX has no complex
+    tensors. `heads_axis` is where the queries given to apply_rotary_emb have their heads: 1 for
+    [B, H, T, D] (DeepSeek-V2), 2 for [B, T, H, D] (Llama 4). `to` is there because both models
+    move the embedding to the query's device before applying it."""
+
+    def __init__(self, real: torch.Tensor, imag: torch.Tensor, heads_axis: int):
+        self.real, self.imag, self.heads_axis = real, imag, heads_axis
+
+    def to(self, *args, **kwargs) -> RealComplex:
+        return self
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs: RealComplex):
+    """transformers' complex apply_rotary_emb (DeepSeek-V2, Llama 4) in real arithmetic: each pair
+    of channels (a, b) is the complex number a + bi, multiplied by the embedding c + di."""
+    cos, sin = freqs.real.unsqueeze(freqs.heads_axis), freqs.imag.unsqueeze(freqs.heads_axis)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+@contextmanager
+def real_rotary(attention: torch.nn.Module):
+    """While exporting, the attention's module applies the rotary embedding with real tensors."""
+    module = sys.modules[type(attention).__module__]
+    original = module.apply_rotary_emb
+    module.apply_rotary_emb = apply_rotary_emb
+    try:
+        yield
+    finally:
+        module.apply_rotary_emb = original

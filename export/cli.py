@@ -23,7 +23,9 @@ At the end the package is run with ONNX Runtime and compared with the transforme
 (16-token prompt + 8 cached decode steps); the max abs logit difference is printed."""
 
 EPILOG = """\
-supported MoE families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss
+supported MoE families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, dots1,
+                        hunyuan_v1_moe, llama4_text (top-1), gpt_oss; others whose parts are
+                        known (e.g. glm4_moe) are recognised from their modules
 supported drafts:       llama, mistral, qwen2, qwen3 (same tokenizer as the target)
 
 --force replaces only a spac package (or an empty folder), never the model or draft directory or a

@@ -197,7 +197,7 @@ def export_experts(family: Family, model, root: Path, dtype: str, moe_layers: li
     tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype)
     pattern = EXPERT_FILE_PATTERN
     for layer in moe_layers:
-        experts = model.model.layers[layer].mlp.experts
+        experts = family.mlp_of(model.model.layers[layer]).experts
         (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
         for expert in range(dims["num_experts"]):
             base = root / pattern.format(layer=layer, expert=expert)

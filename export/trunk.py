@@ -6,11 +6,14 @@ model because the KV cache must be explicit tensors and the routed experts must 
 
 Graphs and their interfaces (batch is always 1; T new tokens, P cached positions):
   embed:  input_ids[1,T] int64, position_ids[1,T] int64 -> hidden[1,T,H], rope_cos, rope_sin
+          (a complex rotary embedding travels as its real and imaginary parts)
   layer:  hidden[1,T,H], rope_cos, rope_sin, past_* -> (dense)  hidden_out[1,T,H], present_*
                                            -> (moe)    residual[1,T,H], moe_input[T,H],
                                                        topk_ids[T,k] int64, topk_weights[T,k], present_*
           where for MoE layers residual already holds the attention residual plus the shared
-          experts, so the runtime only adds the weighted routed-expert outputs.
+          experts, so the runtime only adds the weighted routed-expert outputs. moe_input is
+          the routed experts' input: the normed hidden state, or for a router that scales the
+          input (Llama 4) that state times the top-1 weight, with topk_weights then 1.
   head:   hidden[1,T,H] -> logits[1,T,V]
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from contextlib import redirect_stdout
+from contextlib import nullcontext, redirect_stdout
 
 import onnx
 import torch
@@ -26,6 +29,7 @@ from torch import nn
 
 from spac.ops.expert_graph import OPSET
 
+from .attention import RealComplex, real_rotary
 from .families import Family
 from .fusion import fuse_rms_norms, fuse_sibling_matmuls
 
@@ -33,6 +37,7 @@ from .fusion import fuse_rms_norms, fuse_sibling_matmuls
 # RMSNormalization nodes decoded no faster here (A/B in bench_runtime: 0.99-1.00x), and their
 # kernels need ORT >= 1.23 (Attention on the CUDA EP later still).
 INLINE_WEIGHTS_LIMIT = 2**31 - 2**26  # bytes of weights a graph file holds inside (protobuf's cap, less room)
+NEW_TOKENS, PAST = torch.export.Dim("new_tokens", min=1, max=4096), torch.export.Dim("past", min=0, max=65536)
 
 
 class ExplicitKV:
@@ -44,6 +49,10 @@ class ExplicitKV:
         self.past = past
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def get_seq_length(self, layer_idx: int = 0):
+        """Cached positions (Llama 4's attention temperature grows with them)."""
+        return 0 if self.past is None else self.past[0].shape[2]
+
     def update(self, first, second, layer_idx, *args, **kwargs):
         if self.past is None:
             self.present = (first, second)
@@ -52,29 +61,35 @@ class ExplicitKV:
         return self.present
 
 
-def causal_mask(past_len, new_len, window: int | None, dtype) -> torch.Tensor:
-    """Additive mask [1,1,T,P+T]: a query at absolute position q sees keys k <= q, and with a
-    sliding window only k > q - window (transformers' sliding_window_overlay)."""
+def causal_mask(past_len, new_len, window: int | None, dtype, chunk: int | None = None) -> torch.Tensor:
+    """Additive mask [1,1,T,P+T]: a query at absolute position q sees keys k <= q, with a sliding
+    window only k > q - window (transformers' sliding_window_overlay), and in chunks only keys
+    of its own chunk (chunked_overlay)."""
     q = torch.arange(new_len) + past_len
     k = torch.arange(past_len + new_len)
     allowed = k[None, :] <= q[:, None]
     if window is not None:
         allowed = allowed & (k[None, :] > q[:, None] - window)
+    if chunk is not None:
+        allowed = allowed & (k[None, :] // chunk == q[:, None] // chunk)
     zero = torch.zeros((), dtype=dtype)
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
     return torch.where(allowed, zero, blocked)[None, None]
 
 
 class EmbedGraph(nn.Module):
-    def __init__(self, model):
+    def __init__(self, family: Family, model):
         super().__init__()
+        self.complex_rotary = family.complex_rotary_heads_axis is not None
         self.embed_tokens = model.model.embed_tokens
         self.rotary_emb = model.model.rotary_emb
 
     def forward(self, input_ids, position_ids):
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(hidden, position_ids)
-        return hidden, cos, sin
+        rotary = self.rotary_emb(hidden, position_ids)
+        if self.complex_rotary:  # ONNX has no complex tensors
+            return hidden, rotary.real, rotary.imag
+        return hidden, *rotary
 
 
 class LayerGraph(nn.Module):
@@ -84,35 +99,40 @@ class LayerGraph(nn.Module):
     def __init__(self, family: Family, model, index: int):
         super().__init__()
         layer = model.model.layers[index]
+        self.index = index
         self.family = family
         self.window = family.sliding_window(model.config, index)
+        self.chunk = family.attention_chunk(model.config, index)
+        self.rotary_heads_axis = family.complex_rotary_heads_axis
         self.is_moe = family.is_moe_layer(layer)
         self.input_layernorm = layer.input_layernorm
         self.self_attn = layer.self_attn
         self.post_attention_layernorm = layer.post_attention_layernorm
+        mlp = family.mlp_of(layer)
         if self.is_moe:
-            self.router = family.router(layer.mlp)
-            self.shared = family.shared_modules(layer.mlp)
+            self.router = family.router_of(mlp)
+            self.shared = family.shared_modules(mlp)
         else:
-            self.mlp = layer.mlp
+            self.mlp = mlp
 
     def attend(self, hidden, cos, sin, cache: ExplicitKV, mask=None):
-        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=(cos, sin),
+        rotary = (cos, sin) if self.rotary_heads_axis is None else RealComplex(cos, sin, self.rotary_heads_axis)
+        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=rotary,
                                  attention_mask=mask, cache=cache)
         return hidden + attn
 
     def forward(self, hidden, cos, sin, past_first, past_second):
         cache = ExplicitKV((past_first, past_second))
-        mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype)
+        mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype, self.chunk)
         residual = self.attend(hidden, cos, sin, cache, mask)
         moe_input = self.post_attention_layernorm(residual)
         if not self.is_moe:
             return (residual + self.mlp(moe_input), *cache.present)
         flat = moe_input.reshape(-1, moe_input.shape[-1])
-        topk_ids, topk_weights = self.family.route(self.router, flat)
+        routed_input, topk_ids, topk_weights = self.family.route(self.router, flat)
         if self.shared:  # (an add of zeros would cost a decode step four nodes)
             residual = residual + self.family.shared_output(self.shared, flat).reshape(residual.shape)
-        return residual, flat, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype), *cache.present
+        return residual, routed_input, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype), *cache.present
 
 
 class HeadGraph(nn.Module):
@@ -125,10 +145,10 @@ class HeadGraph(nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
-def kv_shapes(layer_graph: LayerGraph, model) -> list[list[int]]:
+def kv_shapes(layer_graph: LayerGraph, embed: EmbedGraph) -> list[list[int]]:
     """Shapes [1, heads, 0, dim] of a layer's two cache tensors, found by running it on one token."""
     ids = torch.zeros(1, 1, dtype=torch.long)
-    hidden, cos, sin = EmbedGraph(model)(ids, ids)
+    hidden, cos, sin = embed(ids, ids)
     recorder = ExplicitKV(None)
     with torch.no_grad():
         layer_graph.attend(hidden, cos, sin, recorder)
@@ -155,27 +175,34 @@ def export_graph(module: nn.Module, args: tuple, input_names, output_names, dyna
 
 def export_trunk(family: Family, model, out_dir, progress) -> dict:
     """Export embed, every layer and head of `model` into out_dir; returns the manifest section."""
-    T, P = torch.export.Dim("new_tokens", min=1, max=4096), torch.export.Dim("past", min=0, max=65536)
-    hidden_size, dtype = model.config.hidden_size, model.dtype
     # Distinct example tensors: the exporter aliases inputs given as the same tensor object.
     example_ids, example_positions = torch.tensor([[7, 3, 5]]), torch.arange(3)[None]
-    export_graph(EmbedGraph(model), (example_ids, example_positions), ["input_ids", "position_ids"],
-                 ["hidden", "rope_cos", "rope_sin"], {"input_ids": {1: T}, "position_ids": {1: T}}, out_dir / "embed.onnx")
-    _, cos, sin = EmbedGraph(model)(example_ids, example_positions)
-    layers = []
-    for index in range(model.config.num_hidden_layers):
-        layer_graph = LayerGraph(family, model, index)
-        shapes = kv_shapes(layer_graph, model)
-        past = tuple(torch.zeros(s[0], s[1], 2, s[3], dtype=dtype) for s in shapes)
-        hidden = torch.zeros(1, 3, hidden_size, dtype=dtype)
-        outputs = (["residual", "moe_input", "topk_ids", "topk_weights"] if layer_graph.is_moe else ["hidden_out"])
-        dyn = {"hidden": {1: T}, "cos": {1: T}, "sin": {1: T}, "past_first": {2: P}, "past_second": {2: P}}
-        file = f"layer_{index:03d}.onnx"
-        export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first", "past_second"],
-                     [*outputs, "present_first", "present_second"], dyn, out_dir / file)
-        layers.append({"index": index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
-                       "sliding_window": layer_graph.window, "kv_shapes": shapes})
-        progress(f"layer {index}")
-    export_graph(HeadGraph(model), (torch.zeros(1, 3, hidden_size, dtype=dtype),), ["hidden"], ["logits"],
-                 {"hidden": {1: T}}, out_dir / "head.onnx")
+    embed = EmbedGraph(family, model)
+    export_graph(embed, (example_ids, example_positions), ["input_ids", "position_ids"],
+                 ["hidden", "rope_cos", "rope_sin"], {"input_ids": {1: NEW_TOKENS}, "position_ids": {1: NEW_TOKENS}},
+                 out_dir / "embed.onnx")
+    _, cos, sin = embed(example_ids, example_positions)
+    rotary = nullcontext() if not embed.complex_rotary else real_rotary(model.model.layers[0].self_attn)
+    with rotary:
+        layers = [export_layer(LayerGraph(family, model, index), embed, cos, sin, out_dir, progress)
+                  for index in range(model.config.num_hidden_layers)]
+    export_graph(HeadGraph(model), (torch.zeros(1, 3, model.config.hidden_size, dtype=model.dtype),), ["hidden"],
+                 ["logits"], {"hidden": {1: NEW_TOKENS}}, out_dir / "head.onnx")
     return {"embed": "embed.onnx", "head": "head.onnx", "layers": layers}
+
+
+def export_layer(layer_graph: LayerGraph, embed: EmbedGraph, cos, sin, out_dir, progress) -> dict:
+    """Export one layer graph; returns its manifest entry."""
+    shapes = kv_shapes(layer_graph, embed)
+    dtype = embed.embed_tokens.weight.dtype
+    past = tuple(torch.zeros(s[0], s[1], 2, s[3], dtype=dtype) for s in shapes)
+    hidden = torch.zeros(1, 3, embed.embed_tokens.weight.shape[1], dtype=dtype)
+    outputs = ["residual", "moe_input", "topk_ids", "topk_weights"] if layer_graph.is_moe else ["hidden_out"]
+    dyn = {"hidden": {1: NEW_TOKENS}, "cos": {1: NEW_TOKENS}, "sin": {1: NEW_TOKENS}, "past_first": {2: PAST},
+           "past_second": {2: PAST}}
+    file = f"layer_{layer_graph.index:03d}.onnx"
+    export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first", "past_second"],
+                 [*outputs, "present_first", "present_second"], dyn, out_dir / file)
+    progress(f"layer {layer_graph.index}")
+    return {"index": layer_graph.index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
+            "sliding_window": layer_graph.window, "kv_shapes": shapes}

@@ -122,6 +122,46 @@ MOE_CONFIGS = {
             truncate=False, original_max_position_embeddings=64,
         ),
     ),
+    "deepseek_v2": dict(
+        # DeepSeek-V2-Lite's attention: MLA without a query LoRA, rotary as complex numbers.
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+        num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
+        n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+        # Softmax scores, the best group of two kept, scaled.
+        topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5,
+    ),
+    "dots1": dict(
+        # DeepSeek-V3's router and shared expert with q/k norms; a sliding layer with a window of 8.
+        num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
+        n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+        layer_types=["full_attention", "sliding_attention", "full_attention"], sliding_window=8,
+    ),
+    "hunyuan_v1_moe": dict(
+        # An ungated shared MLP beside the routed experts; q/k norms after rotary.
+        num_experts=8, intermediate_size=32,
+    ),
+    "llama4_text": dict(
+        # Llama 4's text model: top-1 sigmoid routing that scales the expert's input, one shared
+        # expert, MoE every second layer (1, 3), rotary as complex numbers with an L2 q/k norm,
+        # chunked attention (chunks of 8) on rotary layers and a no-rotary full-attention layer
+        # 3 whose attention temperature grows with the position (floor_scale 4 makes it bite).
+        num_local_experts=8, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=128,
+        num_hidden_layers=4, interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=4,
+    ),
+    "glm4_moe": dict(
+        # Not a table entry: the exporter recognises its parts. Half the head dims rotate.
+        num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
+        n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+        partial_rotary_factor=0.5, use_qk_norm=True,
+    ),
+    "ernie4_5_moe": dict(
+        # Recognised too: softmax top-k chosen on bias-corrected scores, a shared expert, layer 0 dense.
+        moe_num_experts=8, moe_k=2, moe_intermediate_size=32, intermediate_size=128,
+        moe_layer_start_index=1, moe_num_shared_experts=1, num_hidden_layers=3,
+    ),
 }
 DRAFT_CONFIGS = {
     "qwen3": dict(head_dim=8),
@@ -130,6 +170,11 @@ DRAFT_CONFIGS = {
 }
 FAMILIES = tuple(MOE_CONFIGS)
 DRAFT_FAMILIES = tuple(DRAFT_CONFIGS)
+
+
+def moe_block(layer: torch.nn.Module) -> torch.nn.Module:
+    """A decoder layer's MoE block or dense MLP (Llama 4 calls it feed_forward)."""
+    return getattr(layer, "mlp", None) or layer.feed_forward
 
 
 def default_corpus_files() -> list[Path]:
@@ -186,10 +231,11 @@ def build_tokenizer(out_dir, vocab_size: int = 512, corpus_files=None) -> PreTra
 def _make_routing_decisive(model: torch.nn.Module) -> None:
     """Scale router (and Qwen2-MoE shared-expert gate) weights so routing is decisive and varied."""
     for name, module in model.named_modules():
-        is_router = type(module).__name__.lower().endswith("router")
+        # Routers are "...Router" or "...Gate" modules (Hunyuan's holds its weight in a child `wg`).
+        is_router = type(module).__name__.lower().endswith(("router", "gate"))
         if is_router or name.endswith("shared_expert_gate"):
-            std = ROUTER_LOGIT_STD / math.sqrt(module.weight.shape[-1])
-            torch.nn.init.normal_(module.weight, std=std)
+            weight = next(param for param_name, param in module.named_parameters() if param_name.endswith("weight"))
+            torch.nn.init.normal_(weight, std=ROUTER_LOGIT_STD / math.sqrt(weight.shape[-1]))
 
 
 def _randomize_constant_inits(model: torch.nn.Module) -> None:

@@ -9,6 +9,7 @@ before any model is loaded, which the tests enforce by making loading fail.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from make_models import FAMILIES, build_tokenizer, make_model
+from make_models import FAMILIES, build_tokenizer, make_model, moe_block
 from transformers import AutoModelForCausalLM
 
 from spac.export import cli, package
@@ -88,6 +89,16 @@ def test_package_files_match_manifest(family, exported):
         verify_file(manifest, name)
 
 
+def hf_expert(experts, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """The model's own Experts module on x, every token routed to `expert` at weight 1.0."""
+    if len(inspect.signature(experts.forward).parameters) > 1:
+        return experts(x, torch.full((len(x), 1), expert), torch.ones(len(x), 1))
+    # Llama 4: one block of rows per expert, already scaled by the router (zeros for the others)
+    rows = torch.zeros(experts.num_experts, *x.shape)
+    rows[expert] = x
+    return experts(rows.reshape(-1, x.shape[-1])).reshape(rows.shape)[expert]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_graph_computes_the_hf_expert(family, exported, model_pair):
     """One expert's .onnx, run by plain onnxruntime, against the model's own Experts module with
@@ -95,13 +106,13 @@ def test_expert_graph_computes_the_hf_expert(family, exported, model_pair):
     each family are the module's business, not re-derived here)."""
     manifest = load_manifest(exported(family).output)
     model = AutoModelForCausalLM.from_pretrained(model_pair(family)[0], dtype=torch.float32)
-    moe_layers = [index for index, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    moe_layers = [index for index, layer in enumerate(model.model.layers) if hasattr(moe_block(layer), "experts")]
     assert manifest.target.moe_layers == moe_layers
     layer, expert = moe_layers[-1], manifest.target.dims["num_experts"] - 1
     # Inputs well above the hidden states' scale, so GPT-OSS's clamp (limit 0.2) bites.
     x = 4 * torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        theirs = model.model.layers[layer].mlp.experts(x, torch.full((7, 1), expert), torch.ones(7, 1)).numpy()
+        theirs = hf_expert(moe_block(model.model.layers[layer]).experts, x, expert).numpy()
     path = manifest.root / manifest.target.experts.path(layer, expert, ".onnx")
     ours = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     assert np.abs(theirs).max() > 1e-3  # a real output, not zeros

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import make_models  # noqa: E402
-from make_models import DRAFT_FAMILIES, FAMILIES, build_tokenizer, make_model, make_pair  # noqa: E402
+from make_models import DRAFT_FAMILIES, FAMILIES, build_tokenizer, make_model, make_pair, moe_block  # noqa: E402
 
 TEXT = "def f(x):\n    return {'a': x ** 2}  # héllo, wörld 😀\n<|im_start|>user\nhi<|im_end|>\n"
 PROMPT = "import os\nfor name in sorted(os.listdir('.')):\n    print(name, len(name))\n"
@@ -39,13 +39,21 @@ def load(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
 
 
+def top_k_ids(router_output, k: int) -> torch.Tensor:
+    if len(router_output) == 3:  # (logits, weights, ids)
+        return router_output[2]
+    return router_output[1].topk(k, dim=-1).indices  # Llama 4: (scores, logits)
+
+
 def selected_experts(model, input_ids):
     """{router module name: top-k expert ids [tokens, k]} from one forward pass."""
-    selected = {}
+    selected, k = {}, model.config.num_experts_per_tok
     hooks = [
-        module.register_forward_hook(lambda m, args, out, name=name: selected.__setitem__(name, out[2]))
+        module.register_forward_hook(
+            lambda m, args, out, name=name: selected.__setitem__(name, top_k_ids(out, k)))
         for name, module in model.named_modules()
-        if type(module).__name__.lower().endswith("router")  # every family returns (logits, weights, ids)
+        # every family's router ("...Router", Hunyuan's "...Gate") returns (logits, weights, ids)
+        if type(module).__name__.lower().endswith(("router", "gate"))
     ]
     with torch.no_grad():
         model(input_ids)
@@ -96,10 +104,10 @@ def test_routing_is_varied(family, model_dirs):
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids[:, :16]
     assert ids.shape[1] == 16
     selected = selected_experts(model, ids)
-    moe_layers = model.config.num_hidden_layers - (1 if family == "deepseek_v3" else 0)
-    assert len(selected) == moe_layers
+    moe_layers = [layer for layer in model.model.layers if hasattr(moe_block(layer), "experts")]
+    assert len(selected) == len(moe_layers)
     for name, experts in selected.items():
-        assert experts.shape == (16, 2)
+        assert experts.shape == (16, model.config.num_experts_per_tok)
         assert len(set(experts.flatten().tolist())) >= 4, f"{name} routes every token alike"
 
 
