@@ -26,14 +26,15 @@ class TextTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
         if not self.chat_template:
             raise ValueError("this model's tokenizer has no chat template: pass the prompt as text or token ids")
         import jinja2
 
         environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
         template = environment.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=True, **self.special)
+        return template.render(**{**template_kwargs, "messages": messages,
+                                  "add_generation_prompt": add_generation_prompt, **self.special})
 
     def encode_prompt(self, prompt) -> list[int]:
         """A prompt as text, as token ids, or as chat messages ([{"role": ..., "content": ...}])."""
