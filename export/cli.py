@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from spac.runtime.logs import add_logging_flags, setup_logging
+
 DESCRIPTION = """\
 Split a Hugging Face Mixture-of-Experts model and its draft into a spac package:
 trunk graphs (embedding, per-layer attention with explicit KV cache + router + shared experts,
@@ -37,6 +39,7 @@ def parse_args(argv):
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the final comparison with the transformers model")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_logging_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -89,6 +92,7 @@ def quiet_exporter_logs() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logging("spac-export", args)
     quiet_exporter_logs()
     from .families import ExportError
     from .package import ExportOptions, export_package

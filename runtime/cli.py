@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
+
+from .logs import add_logging_flags, setup_logging
 
 DESCRIPTION = """\
 Generate text from a package made by spac-export. The draft proposes --draft-len tokens per
@@ -30,8 +31,20 @@ def parse_args(argv):
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy; > 0 samples (default: the model's generation_config.json, else greedy)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the model's, else 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens, 0 = all "
+                                                                 "(default: the model's, else 0)")
+    parser.add_argument("--min-p", type=float, default=None,
+                        help="drop tokens under min-p times the likeliest one's probability (default: the model's, else 0)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="divide the logits of tokens already seen, prompt included, by this (default: the model's, "
+                             "else 1 = off)")
+    parser.add_argument("--frequency-penalty", type=float, default=None,
+                        help="subtract this times each token's count in the generated text (default: 0)")
+    parser.add_argument("--presence-penalty", type=float, default=None,
+                        help="subtract this from every token the generated text holds (default: 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--stop", action="append", default=None, help="stop at this string (repeatable)")
     parser.add_argument("--draft-len", type=int, default=None, help="γ, draft tokens per round (default: profile's)")
@@ -54,6 +67,7 @@ def parse_args(argv):
                              "that run other ORT sessions in their process (default: global for the spac-run "
                              "command, per-session for main())")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
+    add_logging_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -80,7 +94,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     """`thread_pool` is the --thread-pool default: ORT refuses, for the rest of the process, any
     session made without the global pool once it exists, so only the command itself defaults to it."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="spac-run: %(levelname)s: %(message)s")
+    setup_logging("spac-run", args)
     from .manifest import ManifestError
     from .profile import ProfileError
     from .runtime import GenerationError, Runtime
@@ -99,7 +113,9 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         return 130
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, stop=args.stop, speculative=args.speculative)
+                   seed=args.seed, stop=args.stop, speculative=args.speculative, top_k=args.top_k, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty)
     code, stream = 0, None
     try:
         stream = runtime.stream(prompt, **request)

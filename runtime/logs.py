@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -27,6 +28,6 @@ def setup_logging(program: str, args: argparse.Namespace) -> None:
         try:
             handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
         except OSError as error:
-            raise SystemExit(f"{program}: error: --log-file {args.log_file}: {error.strerror}") from None
-    logging.basicConfig(level=level, format=f"{program}: %(levelname)s: %(name)s: %(message)s", handlers=handlers,
-                        force=True)
+            print(f"{program}: error: --log-file {args.log_file}: {error.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None
+    logging.basicConfig(level=level, format=f"{program}: %(levelname)s: %(name)s: %(message)s", handlers=handlers)

@@ -199,16 +199,19 @@ class Server:
         if body.stream:
             return StreamingResponse(self._events(job, reply, body.include_usage), media_type="text/event-stream")
         result = await self._wait(job, request)
+        if result is None:  # nobody is listening any more
+            return JSONResponse(api.error_body("the client disconnected"), status_code=499)
         return JSONResponse(reply.whole(result))
 
     async def _wait(self, job: Job, request: Request):
-        """The finished result; polls for a client that left so its generation stops."""
+        """The finished result, or None when the client left (its generation then stops)."""
         while True:
             try:
                 kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     job.cancelled.set()
+                    return None
                 continue
             if kind == DONE:
                 return value
@@ -234,6 +237,36 @@ class Server:
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()  # no effect once the job is done
+
+
+class BackgroundServer:
+    """uvicorn serving a Server from a thread of this process (tests, benchmarks, notebooks);
+    port 0 picks a free one."""
+
+    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+        import socket
+        import time
+
+        import uvicorn
+
+        self.server = server
+        if port == 0:
+            with socket.socket() as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, name="spac-serve", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
 
 
 def sse(payload: dict) -> str:
@@ -325,7 +358,7 @@ def main(argv=None) -> int:
         print(f"spac-serve: error: {error}", file=sys.stderr)
         return 2
     server = Server(runtime, args.model_name or Path(args.package).resolve().name, args.api_key, args.queue_limit)
-    log.warning("serving %s on http://%s:%d", args.package, args.host, args.port)
+    log.info("serving %s on http://%s:%d", args.package, args.host, args.port)
     try:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=logging.getLevelName(
             logging.getLogger().level).lower(), log_config=None)

@@ -3,22 +3,19 @@ started here and stopped at the end, on the tiny qwen3_moe package."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from spac.runtime import Runtime
 from spac.runtime.chat import chat_prompt
-from spac.runtime.server import Server
+from spac.runtime.server import BackgroundServer, Server
 
 FAMILY = "qwen3_moe"
 PROMPTS = ["def fibonacci(n):", "import os\nfor name in", "class Queue:", "x = [1, 2,"]
@@ -31,28 +28,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class LiveServer:
-    """uvicorn serving a Server in a thread of this process."""
-
-    def __init__(self, server: Server):
-        self.server = server
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(server.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.uvicorn = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-
+class LiveServer(BackgroundServer):
     def client(self, api_key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=120)
-
-    def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=30)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +66,7 @@ def completion_ids(live: LiveServer, prompt, extra_body=None, **options) -> list
 
 def test_models_and_health(live):
     assert [model.id for model in live.client().models.list()] == ["tiny"]
-    assert httpx.get(f"{live.base}/health").json()["status"] == "ok"
+    assert httpx.get(f"{live.url}/health").json()["status"] == "ok"
 
 
 def test_greedy_completion_equals_generate(live, runtime):
@@ -144,11 +122,18 @@ def test_concurrent_clients_get_sequential_outputs(live):
     assert concurrent == sequential
 
 
-def test_disconnecting_client_cancels_its_generation(live, runtime):
+def slow_target(runtime, monkeypatch) -> None:
+    """Every target pass takes 20 ms more (the tiny model is otherwise done before a hang-up lands)."""
+    forward = runtime.target.forward
+    monkeypatch.setattr(runtime.target, "forward", lambda tokens: (time.sleep(0.02), forward(tokens))[1])
+
+
+def test_disconnecting_client_cancels_its_generation(live, runtime, monkeypatch):
+    slow_target(runtime, monkeypatch)
     budget = runtime.context - 8
     request = {"prompt": PROMPTS[0], "max_tokens": budget, "stream": True}
     with httpx.Client(timeout=60) as client:
-        with client.stream("POST", f"{live.base}/v1/completions", json=request) as response:
+        with client.stream("POST", f"{live.url}/v1/completions", json=request) as response:
             assert response.status_code == 200
             next(response.iter_lines())  # generation has begun; now hang up
     wait_idle(live.server)
@@ -168,7 +153,7 @@ def test_disconnecting_client_cancels_its_generation(live, runtime):
     ('[1, 2]', None),
 ])
 def test_bad_requests_get_openai_errors(live, body, param):
-    response = httpx.post(f"{live.base}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    response = httpx.post(f"{live.url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
@@ -183,7 +168,7 @@ def test_prompt_over_the_context(live, runtime):
     assert caught.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         live.client().chat.completions.create(model="tiny", messages=[], max_tokens=4)
-    response = httpx.get(f"{live.base}/v1/nothing")
+    response = httpx.get(f"{live.url}/v1/nothing")
     assert response.status_code == 404 and "error" in response.json()
     assert_still_serving(live)
 
@@ -200,21 +185,22 @@ def test_second_chat_turn_reuses_the_cache(live, runtime):
     assert second.choices[0].model_extra["token_ids"] == fresh.token_ids
 
 
-def test_api_key_and_queue_limit(runtime, live):
+def test_api_key_and_queue_limit(runtime, live, monkeypatch):
+    slow_target(runtime, monkeypatch)
     guarded = LiveServer(Server(runtime, "tiny", api_key="sesame", queue_limit=1))
     try:
         with pytest.raises(openai.AuthenticationError):
             guarded.client("wrong").models.list()
-        assert httpx.get(f"{guarded.base}/v1/models").status_code == 401
+        assert httpx.get(f"{guarded.url}/v1/models").status_code == 401
         client = guarded.client("sesame")
         assert [model.id for model in client.models.list()] == ["tiny"]
         # One long generation holds the only place in the queue: the next request gets 503.
         request = {"prompt": PROMPTS[0], "max_tokens": runtime.context - 8, "stream": True}
         headers = {"Authorization": "Bearer sesame"}
         with httpx.Client(timeout=60) as http:
-            with http.stream("POST", f"{guarded.base}/v1/completions", json=request, headers=headers) as response:
+            with http.stream("POST", f"{guarded.url}/v1/completions", json=request, headers=headers) as response:
                 next(response.iter_lines())
-                busy = http.post(f"{guarded.base}/v1/completions", json={"prompt": "x"}, headers=headers)
+                busy = http.post(f"{guarded.url}/v1/completions", json={"prompt": "x"}, headers=headers)
         assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
         wait_idle(guarded.server)
         assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
