@@ -48,3 +48,34 @@ class ChatSession:
         for _ in self.stream(text):
             pass
         return self.runtime.last_result
+
+
+def interactive(session: ChatSession, write, on_result=None, read=input) -> int:
+    """A terminal chat, one line per user turn: '/reset' forgets the conversation, '/exit' or
+    end of input ends it. Ctrl-C during a reply drops that turn; at the prompt it ends the chat.
+    A turn the model cannot take (the conversation outgrew the context) is reported and dropped."""
+    while True:
+        try:
+            text = read("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            return 0
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.messages.clear()
+            continue
+        if not text:
+            continue
+        pieces = session.stream(text)
+        try:
+            for piece in pieces:
+                write(piece)
+            write("\n")
+        except KeyboardInterrupt:
+            pieces.close()  # the turn leaves the history
+            write("\n[interrupted]\n")
+        except ValueError as error:  # GenerationError and template errors: this turn only
+            write(f"[error] {error} ('/reset' starts a new conversation)\n")
+            continue
+        if on_result and session.runtime.last_result is not None:
+            on_result(session.runtime.last_result)

@@ -28,8 +28,11 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", required=True, help="package directory made by spac-export")
     parser.add_argument("--profile", default="cpu-only", help="device profile name or YAML path (default: cpu-only)")
-    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--prompt", default=None, help="prompt text (required unless --interactive)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    parser.add_argument("--interactive", action="store_true",
+                        help="chat on the terminal, one line per turn; each turn reuses the KV cache of the ones before")
+    parser.add_argument("--system", default=None, help="system prompt for --chat and --interactive")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 = greedy; > 0 samples (default: the model's generation_config.json, else greedy)")
@@ -68,7 +71,10 @@ def parse_args(argv):
                              "command, per-session for main())")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
     add_logging_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.prompt is None and not args.interactive:
+        parser.error("--prompt is required (or --interactive)")
+    return args
 
 
 def parse_host_budget(text: str) -> float | int:
@@ -111,11 +117,14 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         return 2
     except KeyboardInterrupt:  # while loading: nothing generated yet
         return 130
-    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop=args.stop, speculative=args.speculative, top_k=args.top_k, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                    presence_penalty=args.presence_penalty)
+    if args.interactive:
+        return run_interactive(runtime, args.system, request)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = messages + [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     code, stream = 0, None
     try:
         stream = runtime.stream(prompt, **request)
@@ -145,6 +154,19 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         print(stats_line(result.stats), file=sys.stderr)
     runtime.close()
     return code
+
+
+def run_interactive(runtime, system: str | None, request: dict) -> int:
+    from .chat import ChatSession, interactive
+
+    def write(text: str) -> None:
+        print(text, end="", flush=True)
+
+    session = ChatSession(runtime, system=system, **request)
+    try:
+        return interactive(session, write, on_result=lambda result: print(stats_line(result.stats), file=sys.stderr))
+    finally:
+        runtime.close()
 
 
 def command() -> None:
