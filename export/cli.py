@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from spac.runtime.arguments import Parser
+from spac.runtime.logs import add_logging_flags, setup_logging
 
 DESCRIPTION = """\
 Split a Hugging Face Mixture-of-Experts model and its draft into a spac package:
@@ -49,6 +50,7 @@ def parse_args(argv):
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the final comparison with the transformers model")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_logging_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -110,7 +112,7 @@ def sigterm_as_exit():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="spac-export: %(message)s")
+    setup_logging("spac-export", args)
     quiet_exporter_logs()
     from .families import ExportError
     from .package import ExportOptions, export_package

@@ -228,7 +228,19 @@ def tokenizer_section(model_dir: Path, root: Path, model) -> dict:
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return {"files": [f"tokenizer/{name}" for name in files], "eos_token_ids": eos_ids,
             "bos_token_id": model.config.bos_token_id, "chat_template": template,
-            "bos_token": config.get("bos_token"), "eos_token": config.get("eos_token")}
+            "bos_token": config.get("bos_token"), "eos_token": config.get("eos_token"),
+            "generation": generation_defaults(model_dir)}
+
+
+# generation_config.json's keys the runtime's sampler reads as its defaults.
+GENERATION_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(model_dir: Path) -> dict:
+    """The sampling values the model's generation_config.json sets (none when it has no file)."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {key: config[key] for key in GENERATION_KEYS if config.get(key) is not None}
 
 
 def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:

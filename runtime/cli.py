@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 
@@ -12,6 +11,7 @@ from spac.ops.host_cache import POLICIES
 
 from .arguments import Parser, integer, number, utf8_text
 from .estimator import ESTIMATORS
+from .logs import add_logging_flags, setup_logging
 from .profile import MAX_DRAFT_LEN, ProfileError, parse_budget
 
 DESCRIPTION = """\
@@ -33,13 +33,28 @@ def parse_args(argv):
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", required=True, help="package directory made by spac-export")
     parser.add_argument("--profile", default="cpu-only", help="device profile name or YAML path (default: cpu-only)")
-    parser.add_argument("--prompt", required=True, type=utf8_text, help="prompt text")
+    parser.add_argument("--prompt", default=None, type=utf8_text, help="prompt text (required unless --interactive)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    parser.add_argument("--interactive", action="store_true",
+                        help="chat on the terminal, one line per turn; each turn reuses the KV cache of the ones before")
+    parser.add_argument("--system", default=None, type=utf8_text, help="system prompt for --chat and --interactive")
     parser.add_argument("--max-new-tokens", type=integer(1), default=128,
                         help="tokens to generate at most (default: 128)")
-    parser.add_argument("--temperature", type=number(0), default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-p", type=number(0, 1, above_minimum=True), default=1.0,
-                        help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    parser.add_argument("--temperature", type=number(0), default=None,
+                        help="0 = greedy; > 0 samples (default: the model's generation_config.json, else greedy)")
+    parser.add_argument("--top-p", type=number(0, 1, above_minimum=True), default=None,
+                        help="nucleus sampling mass in (0, 1] (default: the model's, else 1.0)")
+    parser.add_argument("--top-k", type=integer(0), default=None, help="sample among the k likeliest tokens, 0 = all "
+                                                                       "(default: the model's, else 0)")
+    parser.add_argument("--min-p", type=number(0, 1), default=None,
+                        help="drop tokens under min-p times the likeliest one's probability (default: the model's, else 0)")
+    parser.add_argument("--repetition-penalty", type=number(0, above_minimum=True), default=None,
+                        help="divide the logits of tokens already seen, prompt included, by this (default: the model's, "
+                             "else 1 = off)")
+    parser.add_argument("--frequency-penalty", type=number(-2, 2), default=None,
+                        help="subtract this times each token's count in the generated text, in [-2, 2] (default: 0)")
+    parser.add_argument("--presence-penalty", type=number(-2, 2), default=None,
+                        help="subtract this from every token the generated text holds, in [-2, 2] (default: 0)")
     parser.add_argument("--seed", type=integer(0, 2**64 - 1), default=None, help="random seed for sampling")
     parser.add_argument("--stop", action="append", type=utf8_text, default=None,
                         help="stop at this string (repeatable)")
@@ -64,7 +79,11 @@ def parse_args(argv):
                              "that run other ORT sessions in their process (default: global for the spac-run "
                              "command, per-session for main())")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
-    return parser.parse_args(argv)
+    add_logging_flags(parser)
+    args = parser.parse_args(argv)
+    if args.prompt is None and not args.interactive:
+        parser.error("--prompt is required (or --interactive)")
+    return args
 
 
 def parse_host_budget(text: str) -> float | int:
@@ -91,7 +110,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     """`thread_pool` is the --thread-pool default: ORT refuses, for the rest of the process, any
     session made without the global pool once it exists, so only the command itself defaults to it."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="spac-run: %(levelname)s: %(message)s")
+    setup_logging("spac-run", args)
     from .manifest import ManifestError
     from .runtime import GenerationError, Runtime
 
@@ -106,9 +125,14 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         return 2
     except KeyboardInterrupt:  # while loading: nothing generated yet
         return 130
-    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, stop=args.stop, speculative=args.speculative)
+                   seed=args.seed, stop=args.stop, speculative=args.speculative, top_k=args.top_k, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty)
+    if args.interactive:
+        return run_interactive(runtime, args.system, request)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = messages + [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     code, stream = 0, None
     try:
         stream = runtime.stream(prompt, **request)
@@ -138,6 +162,19 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         print(stats_line(result.stats.as_dict()), file=sys.stderr)
     runtime.close()
     return code
+
+
+def run_interactive(runtime, system: str | None, request: dict) -> int:
+    from .chat import ChatSession, interactive
+
+    def write(text: str) -> None:
+        print(text, end="", flush=True)
+
+    session = ChatSession(runtime, system=system, **request)
+    try:
+        return interactive(session, write, on_result=lambda result: print(stats_line(result.stats), file=sys.stderr))
+    finally:
+        runtime.close()
 
 
 def command() -> None:

@@ -1,7 +1,8 @@
 """One exported model (target or draft) as ONNX Runtime sessions plus its KV cache.
 
 `forward(tokens)` feeds new tokens after the cached ones and returns their logits; `truncate(n)`
-rolls the cache back to its first n positions (speculative decoding's rejection).
+rolls the cache back to its first n positions (speculative decoding's rejection, or a chat turn
+that shares only part of the cached conversation). `tokens` are the ids the cache holds.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.cache = [tuple(np.zeros(shape, self.dtype) for shape in layer.kv_shapes) for layer in self.section.layers]
+        self.tokens: list[int] = []
 
     @property
     def length(self) -> int:
@@ -42,8 +44,11 @@ class ModelRunner:
         ids = np.asarray(tokens, dtype=np.int64)[None]
         positions = np.arange(self.length, self.length + ids.shape[1], dtype=np.int64)[None]
         hidden, cos, sin = self.embed.run(None, {"input_ids": ids, "position_ids": positions})
+        # The cache changes only once every layer has run: an error or Ctrl-C mid-pass leaves it
+        # whole, so the next generation can still reuse it.
+        cache = list(self.cache)
         for index, (layer, session) in enumerate(zip(self.section.layers, self.layers)):
-            past_first, past_second = self.cache[index]
+            past_first, past_second = cache[index]
             feeds = {"hidden": hidden, "rope_cos": cos, "rope_sin": sin, "past_first": past_first, "past_second": past_second}
             if layer.kind == "dense":
                 hidden, *present = session.run(None, feeds)
@@ -52,9 +57,12 @@ class ModelRunner:
                 if self.on_routing:
                     self.on_routing(layer.index, topk_ids)
                 hidden = residual + self.experts.run(layer.index, moe_input, topk_ids, topk_weights)[None]
-            self.cache[index] = tuple(present)
-        return self.head.run(None, {"hidden": hidden})[0][0]
+            cache[index] = tuple(present)
+        logits = self.head.run(None, {"hidden": hidden})[0][0]
+        self.cache, self.tokens = cache, self.tokens + ids[0].tolist()
+        return logits
 
     def truncate(self, length: int) -> None:
         if length < self.length:
             self.cache = [(first[:, :, :length], second[:, :, :length]) for first, second in self.cache]
+            del self.tokens[length:]

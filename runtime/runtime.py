@@ -14,6 +14,7 @@ from typing import Iterator
 from spac.ops.providers import PROVIDERS
 from spac.ops.sessions import SessionFactory, cuda_available
 
+from .chat import chat_prompt
 from .expert_stack import ExpertOptions, build_experts
 from .manifest import load_manifest
 from .model import ModelRunner
@@ -98,24 +99,48 @@ class Runtime:
             self.experts.close()
         self.experts = self.target = self.draft = None
 
-    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | None = None, speculative: bool = True) -> GenerationResult:
-        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative):
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: list[str] | None = None, speculative: bool = True,
+                 **options) -> GenerationResult:
+        """Takes stream()'s arguments and returns the whole result."""
+        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, **options):
             pass
         return self.last_result
 
-    def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop: list[str] | None = None, speculative: bool = True) -> Iterator[str]:
+    def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
+               seed: int | None = None, stop: list[str] | None = None, speculative: bool = True, *,
+               reuse_cache: bool = False, cancel=None, **sampling) -> Iterator[str]:
         """Yields text pieces as tokens are accepted; the full result is then `last_result`.
         On KeyboardInterrupt the partial result is kept in `last_result` and the runtime stays usable.
-        A bad request raises here, not at the first piece."""
+        A bad request raises here, not at the first piece.
+
+        Sampling options left None (temperature, top_p and `sampling`'s top_k, min_p,
+        repetition_penalty, frequency_penalty, presence_penalty) take the model's
+        generation_config defaults, else greedy. `reuse_cache` keeps the KV cache's common prefix
+        with the previous sequence (a chat's earlier turns); `cancel()` returning True ends the
+        generation after the current round."""
         if self.target is None:
             raise RuntimeError("this Runtime is closed")
         prompt_ids = self._check_request(prompt, max_new_tokens)
-        sampler = Sampler(temperature, top_p, seed)
-        return self._pieces(prompt_ids, max_new_tokens, sampler, stop, speculative)
+        sampler = Sampler.from_options(self.generation_defaults, seed, temperature=temperature, top_p=top_p,
+                                       **sampling)
+        return self._pieces(prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache, cancel)
 
-    def _pieces(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop, speculative: bool):
+    def chat(self, messages: list[dict], system: str | None = None, add_generation_prompt: bool = True,
+             template_kwargs: dict | None = None, **options) -> GenerationResult:
+        """Generates the next turn of a conversation, reusing the KV cache of the turns the
+        previous call already saw. `template_kwargs` go to the chat template (e.g.
+        enable_thinking=False for Qwen3); `options` are generate()'s."""
+        ids = chat_prompt(self.tokenizer, messages, system, add_generation_prompt, template_kwargs)
+        return self.generate(ids, reuse_cache=True, **options)
+
+    @property
+    def generation_defaults(self) -> dict:
+        """The model's generation_config.json sampling values, as the exporter carried them."""
+        return self.manifest.tokenizer.get("generation") or {}
+
+    def _pieces(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop, speculative: bool,
+                reuse_cache: bool = False, cancel=None):
         limit = min(max_new_tokens, self.context - len(prompt_ids))
         decoder = Decoder(self.target, self.draft if speculative else None, sampler, self.experts)
         draft_len = self.draft_len if speculative else 0
@@ -126,7 +151,7 @@ class Runtime:
         prefill_seconds = None
         generated: list[int] = []
         try:
-            new = [decoder.prefill(prompt_ids)]
+            new = [decoder.prefill(prompt_ids, reuse=reuse_cache)]
             prefill_seconds = time.perf_counter() - started
             while True:
                 done = self._admit(new, generated, limit)
@@ -135,6 +160,9 @@ class Runtime:
                 if piece:
                     yield piece
                 if done or text.stopped:
+                    break
+                if cancel is not None and cancel():
+                    result.interrupted = True
                     break
                 new = decoder.step(min(draft_len, limit - len(generated) - 1))
         except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import yaml
 
 import make_models  # tests/conftest.py puts scripts/ on sys.path
 from spac.runtime import GenerationError, ManifestError, Runtime
+from spac.runtime.chat import chat_prompt
 from spac.runtime.model import ModelRunner
 from spac.ops.sessions import cuda_available
 from spac.runtime.profile import ProfileError, load_profile
@@ -151,6 +152,41 @@ def test_generation_stops_at_eos_like_transformers(runtime_for, reference, hf_gr
     result = runtime.generate(ids, max_new_tokens=NEW_TOKENS)
     assert result.token_ids == hf_ids
     assert result.stats.decode.acceptance_rate == 1.0 and result.stats.decode.rounds == 2
+
+
+def test_greedy_with_repetition_penalty_equals_transformers(runtime_for, reference, hf_greedy):
+    runtime = runtime_for(API_FAMILY)
+    ids, _ = reference(API_FAMILY)
+    expected = hf_greedy(API_FAMILY, ids, NEW_TOKENS, repetition_penalty=1.5)
+    for speculative in (True, False):
+        result = runtime.generate(ids, max_new_tokens=NEW_TOKENS, repetition_penalty=1.5, speculative=speculative)
+        assert result.token_ids == expected
+
+
+def test_chat_turns_reuse_the_cache_and_equal_transformers(runtime_for, hf_greedy):
+    """Each turn prefills only what the caches lack; a conversation that departs from the cached
+    one (an edited first message) keeps just the common prefix. Greedy output stays transformers'."""
+    runtime = runtime_for(API_FAMILY)
+    conversation = [{"role": "user", "content": PROMPTS[0]}]
+    first = runtime.chat(conversation, max_new_tokens=12)
+    first_ids = chat_prompt(runtime.tokenizer, conversation)
+    conversation += [{"role": "assistant", "content": first.text}, {"role": "user", "content": PROMPTS[1]}]
+    edited = [{"role": "user", "content": PROMPTS[2]}] + conversation[1:]
+    reused = []
+    for messages, speculative in ((conversation, True), (edited, True), (conversation, False)):
+        ids = chat_prompt(runtime.tokenizer, messages)
+        before = list(runtime.target.tokens)
+        result = runtime.chat(messages, max_new_tokens=NEW_TOKENS, speculative=speculative)
+        assert result.token_ids == hf_greedy(API_FAMILY, ids, NEW_TOKENS)
+        shared = next(i for i, (a, b) in enumerate(zip(before + [-1], ids)) if a != b)
+        assert result.stats.decode.reused == min(shared, len(ids) - 1)
+        reused.append(shared)
+        # Each cache holds a prefix of the sequence (the draft's, when it took part).
+        for runner in (runtime.target, runtime.draft) if speculative else (runtime.target,):
+            assert runner.tokens == (ids + result.token_ids)[:runner.length]
+    # The second turn reused at least the first turn's prompt (the reply re-encodes to other tokens
+    # with these random models); the edited one, only its start.
+    assert reused[0] >= len(first_ids) and reused[1] < len(first_ids)
 
 
 def run_decoder(decoder: Decoder, prompt: list[int], count: int, draft_len: int) -> list[int]:
@@ -298,18 +334,30 @@ class TableRunner:
         return np.array(rows, dtype=np.float32)
 
 
-def reference_probs(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
-    """Temperature then nucleus filtering, written independently of Sampler.probs: keep the most
-    likely tokens until their mass reaches top_p."""
-    z = np.asarray(logits, np.float64) / temperature
+def reference_probs(logits: np.ndarray, temperature: float, top_p: float, top_k: int = 0, min_p: float = 0.0,
+                    penalties: dict | None = None, prefix=(), prompt_length: int = 0) -> np.ndarray:
+    """Penalties, temperature, top-k, then nucleus and min-p filtering, written independently of
+    Sampler.probs: penalize each token seen, keep the k most likely, keep the most likely tokens
+    until their mass reaches top_p, drop those under min_p times the most likely."""
+    z = np.array(logits, np.float64)
+    penalties = penalties or {}
+    for token in set(prefix):
+        rp = penalties.get("repetition_penalty", 1.0)
+        z[token] = z[token] / rp if z[token] > 0 else z[token] * rp
+    for token in set(prefix[prompt_length:]):
+        z[token] -= (penalties.get("frequency_penalty", 0.0) * list(prefix[prompt_length:]).count(token)
+                     + penalties.get("presence_penalty", 0.0))
+    z /= temperature
     p = np.exp(z - z.max())
     p /= p.sum()
-    kept, mass = [], 0.0
-    for token in sorted(range(len(p)), key=lambda t: -p[t]):
+    ranked = sorted(range(len(p)), key=lambda t: -p[t])[:top_k or len(p)]
+    kept, mass, total = [], 0.0, sum(p[t] for t in ranked)
+    for token in ranked:
         kept.append(token)
-        mass += p[token]
+        mass += p[token] / total
         if mass >= top_p:
             break
+    kept = [token for token in kept if p[token] >= min_p * p[ranked[0]]]
     out = np.zeros_like(p)
     out[kept] = p[kept]
     return out / out.sum()
@@ -348,21 +396,25 @@ def chi_square(counts: dict[tuple, int], expected_probs: dict[tuple, float], dra
     return stat, bins - 1
 
 
-SAMPLING_CASES = [  # temperature, top_p, draft_len
-    pytest.param(1.0, 1.0, 2, id="t1.0"),
-    pytest.param(0.7, 1.0, 3, id="t0.7"),
-    pytest.param(1.3, 0.9, 2, id="t1.3-top_p0.9"),
+SAMPLING_CASES = [  # temperature, top_p, draft_len, other Sampler options
+    pytest.param(1.0, 1.0, 2, {}, id="t1.0"),
+    pytest.param(0.7, 1.0, 3, {}, id="t0.7"),
+    pytest.param(1.3, 0.9, 2, {}, id="t1.3-top_p0.9"),
+    pytest.param(1.2, 1.0, 2, {"top_k": 3, "min_p": 0.1}, id="top_k3-min_p0.1"),
+    # Penalties depend on the tokens so far: draft and target must see the same context.
+    pytest.param(1.0, 1.0, 3, {"repetition_penalty": 1.5, "frequency_penalty": 0.7, "presence_penalty": 0.4},
+                 id="penalties"),
 ]
 
 
-@pytest.mark.parametrize("temperature, top_p, draft_len", SAMPLING_CASES)
-def test_speculative_sampling_matches_target_distribution(temperature, top_p, draft_len):
+@pytest.mark.parametrize("temperature, top_p, draft_len, options", SAMPLING_CASES)
+def test_speculative_sampling_matches_target_distribution(temperature, top_p, draft_len, options):
     rng = np.random.default_rng(1234)
     target_table = rng.normal(scale=1.5, size=(3, VOCAB, VOCAB))
     draft_table = target_table + rng.normal(scale=1.5, size=target_table.shape)  # related, not equal
     target, draft = TableRunner(target_table), TableRunner(draft_table)
     prompt, length, draws = [0, 3], 3, 12_000
-    decoder = Decoder(target, draft, Sampler(temperature, top_p, seed=2026))
+    decoder = Decoder(target, draft, Sampler(temperature, top_p, seed=2026, **options))
 
     counts: dict[tuple, int] = {}
     for _ in range(draws):
@@ -372,8 +424,12 @@ def test_speculative_sampling_matches_target_distribution(temperature, top_p, dr
     # Both branches of the rejection rule ran many times.
     assert 0.2 < stats["acceptance_rate"] < 0.9, stats
 
+    filters = {key: options[key] for key in ("top_k", "min_p") if key in options}
+    penalties = {key: value for key, value in options.items() if key not in filters}
+
     def model_step(runner):
-        return lambda prefix: reference_probs(runner.logits_after(prefix), temperature, top_p)
+        return lambda prefix: reference_probs(runner.logits_after(prefix), temperature, top_p, penalties=penalties,
+                                              prefix=prefix, prompt_length=len(prompt), **filters)
 
     # The first token comes from the target's prefill; tokens 2 and 3 pass the rejection rule.
     exact = sequence_distribution(prompt, length, [model_step(target)] * length)

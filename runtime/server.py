@@ -1,0 +1,370 @@
+"""spac-serve: an OpenAI-compatible HTTP server for one spac package.
+
+One model and one sequence at a time (the expert pager belongs to the process): requests wait in
+arrival order for a single worker thread that runs Runtime.stream, up to --queue-limit of them;
+past that the answer is 503. A client that disconnects cancels its generation after the current
+round. Chat requests reuse the KV cache of the conversation the previous request left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from . import openai_api as api
+from .chat import chat_prompt
+from .logs import add_logging_flags, setup_logging
+from .runtime import GenerationError
+
+log = logging.getLogger("spac.server")
+
+DONE, PIECE, FAILED = "done", "piece", "failed"
+
+
+class APIError(Exception):
+    """An answer other than 200, with an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, api.error_body(message, type_, param, code)
+
+
+class Job:
+    """One request's generation: the worker thread posts its pieces and its end to the event loop."""
+
+    def __init__(self, pieces, loop: asyncio.AbstractEventLoop):
+        self.pieces, self.loop = pieces, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def post(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone: the server is shutting down
+            self.cancelled.set()
+
+
+class GenerationQueue:
+    """Runs jobs one at a time in arrival order on a single worker thread; at most `limit` wait or run."""
+
+    def __init__(self, runtime, limit: int):
+        self.runtime, self.limit = runtime, limit
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spac-generate")
+        self.lock = threading.Lock()
+        self.pending = 0
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.pending >= self.limit:
+                raise APIError(503, f"the server is busy: {self.pending} requests are already waiting or running "
+                                    f"(the queue limit is {self.limit}, spac-serve --queue-limit); retry later",
+                               "server_busy", code="queue_full")
+            self.pending += 1
+        self.worker.submit(self._run, job)
+
+    def _run(self, job: Job) -> None:
+        try:
+            if job.cancelled.is_set():  # its client left while it waited
+                job.pieces.close()
+                return
+            for piece in job.pieces:
+                job.post(PIECE, piece)
+            job.post(DONE, self.runtime.last_result)
+        except Exception as error:  # noqa: BLE001 - the worker must survive any one request
+            log.exception("generation failed")
+            job.post(FAILED, f"generation failed: {error}")
+        finally:
+            with self.lock:
+                self.pending -= 1
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)
+
+
+def finish_reason(result, tokenizer) -> str | None:
+    if result.interrupted:
+        return None
+    if result.token_ids and result.token_ids[-1] in tokenizer.eos_token_ids:
+        return "stop"
+    # A stop string cut the text short of what the tokens decode to.
+    return "stop" if result.text != tokenizer.decode(result.token_ids) else "length"
+
+
+def usage(result) -> api.Usage:
+    stats = result.stats.as_dict()
+    prompt, completion = stats["prompt_tokens"], len(result.token_ids)
+    return api.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, spac=stats)
+
+
+class Server:
+    """The FastAPI app around one Runtime."""
+
+    def __init__(self, runtime, model_name: str, api_key: str | None = None, queue_limit: int = 16):
+        self.runtime, self.model_name, self.api_key = runtime, model_name, api_key
+        self.queue = GenerationQueue(runtime, queue_limit)
+        app = self.app = FastAPI(title="spac-serve", docs_url=None, redoc_url=None, openapi_url=None,
+                                 lifespan=self._lifespan)
+
+        @app.exception_handler(APIError)
+        async def api_error(request, error: APIError):
+            return JSONResponse(error.body, status_code=error.status)
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid_request(request, error: RequestValidationError):
+            first = error.errors()[0]
+            param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+            message = f"{param}: {first['msg']}" if param else first["msg"]
+            return JSONResponse(api.error_body(message, param=param), status_code=400)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request, error: HTTPException):
+            return JSONResponse(api.error_body(str(error.detail), code=str(error.status_code)),
+                                status_code=error.status_code)
+
+        authorized = [Depends(self._check_key)]
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok", "model": self.model_name, "pending": self.queue.pending}
+
+        @app.get("/v1/models", dependencies=authorized)
+        async def models():
+            return api.ModelList(data=[api.ModelCard(id=self.model_name)]).model_dump()
+
+        @app.post("/v1/chat/completions", dependencies=authorized)
+        async def chat_completions(body: api.ChatCompletionRequest, request: Request):
+            messages = [message.as_template_message() for message in body.messages]
+            try:
+                ids = chat_prompt(runtime.tokenizer, messages, None, body.add_generation_prompt,
+                                  body.chat_template_kwargs)
+            except Exception as error:  # noqa: BLE001 - a template failing on these messages is the request's
+                raise APIError(400, f"cannot render the chat template for these messages: {error}",
+                               param="messages") from error
+            return await self._answer(request, body, ids, chat=True)
+
+        @app.post("/v1/completions", dependencies=authorized)
+        async def completions(body: api.CompletionRequest, request: Request):
+            try:
+                ids = runtime.tokenizer.encode_prompt(body.prompt)
+            except (ValueError, TypeError) as error:
+                raise APIError(400, str(error), param="prompt") from error
+            return await self._answer(request, body, ids, chat=False)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        yield
+        self.queue.close()
+
+    async def _check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    async def _answer(self, request: Request, body: api.SamplingRequest, ids: list[int], chat: bool):
+        context = self.runtime.context
+        if len(ids) >= context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context is {context} tokens, which "
+                                "must also hold at least one new token", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        job = Job(None, asyncio.get_running_loop())
+        try:
+            job.pieces = self.runtime.stream(ids, body.max_new_tokens or context, reuse_cache=True,
+                                             cancel=job.cancelled.is_set, **body.generation_options())
+        except (GenerationError, ValueError, TypeError) as error:
+            raise APIError(400, str(error)) from error
+        self.queue.submit(job)
+        reply = _Reply(self.model_name, chat, self.runtime.tokenizer, body.return_token_ids)
+        if body.stream:
+            return StreamingResponse(self._events(job, reply, body.include_usage), media_type="text/event-stream")
+        result = await self._wait(job, request)
+        if result is None:  # nobody is listening any more
+            return JSONResponse(api.error_body("the client disconnected"), status_code=499)
+        return JSONResponse(reply.whole(result))
+
+    async def _wait(self, job: Job, request: Request):
+        """The finished result, or None when the client left (its generation then stops)."""
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return None
+                continue
+            if kind == DONE:
+                return value
+            if kind == FAILED:
+                raise APIError(500, value, "server_error")
+
+    async def _events(self, job: Job, reply: "_Reply", include_usage: bool):
+        """Server-sent events; a client that disconnects cancels the task, and so the generation."""
+        try:
+            yield sse(reply.chunk(role=True))
+            while True:
+                kind, value = await job.events.get()
+                if kind == PIECE:
+                    yield sse(reply.chunk(value))
+                elif kind == FAILED:
+                    yield sse(api.error_body(value, "server_error"))
+                    break
+                else:
+                    yield sse(reply.chunk(finish=finish_reason(value, reply.tokenizer)))
+                    if include_usage:
+                        yield sse(reply.usage_chunk(value))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # no effect once the job is done
+
+
+class BackgroundServer:
+    """uvicorn serving a Server from a thread of this process (tests, benchmarks, notebooks);
+    port 0 picks a free one."""
+
+    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+        import socket
+        import time
+
+        import uvicorn
+
+        self.server = server
+        if port == 0:
+            with socket.socket() as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, name="spac-serve", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class _Reply:
+    """Builds one request's response objects, chat or plain completion."""
+
+    def __init__(self, model: str, chat: bool, tokenizer, token_ids: bool = False):
+        self.model, self.chat, self.tokenizer, self.token_ids = model, chat, tokenizer, token_ids
+        self.id = api.response_id("chatcmpl" if chat else "cmpl")
+
+    def whole(self, result) -> dict:
+        finish = finish_reason(result, self.tokenizer)
+        ids = result.token_ids if self.token_ids else None
+        if self.chat:
+            choice = api.ChatChoice(message=api.ChoiceMessage(content=result.text), finish_reason=finish, token_ids=ids)
+            response = api.ChatCompletion(id=self.id, model=self.model, choices=[choice], usage=usage(result))
+        else:
+            choice = api.TextChoice(text=result.text, finish_reason=finish, token_ids=ids)
+            response = api.Completion(id=self.id, model=self.model, choices=[choice], usage=usage(result))
+        return response.model_dump(exclude_none=True)
+
+    def chunk(self, text: str | None = None, role: bool = False, finish: str | None = None) -> dict:
+        if self.chat:
+            delta = api.ChatDelta(role="assistant", content="") if role else api.ChatDelta(content=text)
+            choice = api.ChatChunkChoice(delta=delta, finish_reason=finish)
+            return api.ChatCompletionChunk(id=self.id, model=self.model, choices=[choice]).model_dump(
+                exclude_none=True)
+        choice = api.TextChoice(text=text or "", finish_reason=finish)
+        return api.Completion(id=self.id, model=self.model, choices=[choice]).model_dump(exclude_none=True)
+
+    def usage_chunk(self, result) -> dict:
+        kind = api.ChatCompletionChunk if self.chat else api.Completion
+        return kind(id=self.id, model=self.model, choices=[], usage=usage(result)).model_dump()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+DESCRIPTION = """\
+Serve a package made by spac-export over an OpenAI-compatible HTTP API: /v1/chat/completions,
+/v1/completions, /v1/models and /health. One request generates at a time; the others wait."""
+
+EPILOG = """\
+example:
+  spac-serve --package packages/qwen3-moe --profile cpu-only --port 8080
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'"""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="spac-serve", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", required=True, help="package directory made by spac-export")
+    parser.add_argument("--profile", default="cpu-only", help="device profile name or YAML path (default: cpu-only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (default: 8080)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 requests (/health stays open)")
+    parser.add_argument("--model-name", default=None, help="the model id clients see (default: the package's folder)")
+    parser.add_argument("--queue-limit", type=int, default=16,
+                        help="requests waiting or running at most; more get 503 (default: 16)")
+    parser.add_argument("--draft-len", type=int, default=None, help="γ, draft tokens per round (default: profile's)")
+    add_logging_flags(parser)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.queue_limit < 1:
+        parser.error(f"--queue-limit must be at least 1, got {args.queue_limit}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging("spac-serve", args)
+    import uvicorn
+
+    from .manifest import ManifestError
+    from .profile import ProfileError
+    from .runtime import Runtime
+
+    try:
+        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True)
+    except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
+        print(f"spac-serve: error: {error}", file=sys.stderr)
+        return 2
+    server = Server(runtime, args.model_name or Path(args.package).resolve().name, args.api_key, args.queue_limit)
+    log.info("serving %s on http://%s:%d", args.package, args.host, args.port)
+    try:
+        uvicorn.run(server.app, host=args.host, port=args.port, log_level=logging.getLevelName(
+            logging.getLogger().level).lower(), log_config=None)
+    finally:
+        runtime.close()
+    return 0
+
+
+def command() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    command()

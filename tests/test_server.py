@@ -1,0 +1,239 @@
+"""spac-serve against the real openai client: a live uvicorn server on a free loopback port,
+started here and stopped at the end, on the tiny qwen3_moe package."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from spac.runtime import Runtime
+from spac.runtime.chat import chat_prompt
+from spac.runtime.server import BackgroundServer, Server
+
+FAMILY = "qwen3_moe"
+PROMPTS = ["def fibonacci(n):", "import os\nfor name in", "class Queue:", "x = [1, 2,"]
+MESSAGES = [{"role": "user", "content": "Write a loop."}]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LiveServer(BackgroundServer):
+    def client(self, api_key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def runtime(exported):
+    with Runtime(exported(FAMILY).output, profile="cpu-only", draft_len=4) as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="module")
+def live(runtime):
+    server = LiveServer(Server(runtime, "tiny"))
+    yield server
+    server.stop()
+
+
+def wait_idle(server: Server) -> None:
+    deadline = time.monotonic() + 60
+    while server.queue.pending:
+        assert time.monotonic() < deadline, "the queue did not drain"
+        time.sleep(0.02)
+
+
+def assert_still_serving(live: LiveServer) -> None:
+    reply = live.client().completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+
+
+def completion_ids(live: LiveServer, prompt, extra_body=None, **options) -> list[int]:
+    reply = live.client().completions.create(model="tiny", prompt=prompt,
+                                             extra_body={"return_token_ids": True, **(extra_body or {})}, **options)
+    return reply.choices[0].model_extra["token_ids"]
+
+
+def test_models_and_health(live):
+    assert [model.id for model in live.client().models.list()] == ["tiny"]
+    assert httpx.get(f"{live.url}/health").json()["status"] == "ok"
+
+
+def test_greedy_completion_equals_generate(live, runtime):
+    for prompt in PROMPTS[:2]:
+        expected = runtime.generate(prompt, max_new_tokens=16).token_ids
+        reply = live.client().completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                                 extra_body={"return_token_ids": True})
+        choice = reply.choices[0]
+        assert choice.model_extra["token_ids"] == expected
+        assert choice.text == runtime.tokenizer.decode(expected)
+        assert choice.finish_reason == "length"
+        assert reply.usage.completion_tokens == 16
+        assert reply.usage.prompt_tokens == len(runtime.tokenizer.encode(prompt))
+        spac = reply.usage.model_extra["spac"]
+        assert {"tokens_per_second", "acceptance_rate", "expert_hit_rate", "bytes_paged"} <= set(spac)
+
+
+def test_chat_streaming_equals_whole_and_generate(live, runtime):
+    ids = chat_prompt(runtime.tokenizer, MESSAGES)
+    expected = runtime.generate(ids, max_new_tokens=12)
+    client = live.client()
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12)
+    assert whole.choices[0].message.content == expected.text
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_stop_and_seeded_sampling(live, runtime):
+    client = live.client()
+    full = runtime.generate(PROMPTS[0], max_new_tokens=16).text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    reply = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, stop=[stop])
+    assert reply.choices[0].text == full[:full.find(stop)] and reply.choices[0].finish_reason == "stop"
+    options = dict(max_tokens=12, temperature=0.9, top_p=0.95, seed=7,
+                   extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.2})
+    first = completion_ids(live, PROMPTS[1], frequency_penalty=0.5, presence_penalty=0.3, **options)
+    again = completion_ids(live, PROMPTS[1], frequency_penalty=0.5, presence_penalty=0.3, **options)
+    assert first == again and len(first) == 12
+    expected = runtime.generate(PROMPTS[1], max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7, top_k=20,
+                                min_p=0.01, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3)
+    assert first == expected.token_ids
+
+
+def test_concurrent_clients_get_sequential_outputs(live):
+    sequential = [completion_ids(live, prompt, max_tokens=10) for prompt in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        concurrent = list(pool.map(lambda prompt: completion_ids(live, prompt, max_tokens=10), PROMPTS))
+    assert concurrent == sequential
+
+
+def slow_target(runtime, monkeypatch) -> None:
+    """Every target pass takes 20 ms more (the tiny model is otherwise done before a hang-up lands)."""
+    forward = runtime.target.forward
+    monkeypatch.setattr(runtime.target, "forward", lambda tokens: (time.sleep(0.02), forward(tokens))[1])
+
+
+def test_disconnecting_client_cancels_its_generation(live, runtime, monkeypatch):
+    slow_target(runtime, monkeypatch)
+    budget = runtime.context - 8
+    request = {"prompt": PROMPTS[0], "max_tokens": budget, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{live.url}/v1/completions", json=request) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # generation has begun; now hang up
+    wait_idle(live.server)
+    assert runtime.last_result.interrupted and len(runtime.last_result.token_ids) < budget
+    assert_still_serving(live)
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"prompt": "x", "max_tokens": 4', None),  # malformed JSON
+    ('{"prompt": "x", "max_tokens": "four"}', "max_tokens"),
+    ('{"prompt": "x", "max_tokens": -3}', "max_tokens"),
+    ('{"prompt": "x", "temperature": "hot"}', "temperature"),
+    ('{"prompt": "x", "top_p": 0}', "top_p"),
+    ('{"prompt": "x", "n": 2}', "n"),
+    ('{"max_tokens": 4}', "prompt"),
+    ('{"prompt": [999999999]}', "prompt"),
+    ('[1, 2]', None),
+])
+def test_bad_requests_get_openai_errors(live, body, param):
+    response = httpx.post(f"{live.url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if param:
+        assert error["param"].startswith(param)
+    assert_still_serving(live)
+
+
+def test_prompt_over_the_context(live, runtime):
+    with pytest.raises(openai.BadRequestError) as caught:
+        live.client().completions.create(model="tiny", prompt=[5] * runtime.context, max_tokens=4)
+    assert caught.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        live.client().chat.completions.create(model="tiny", messages=[], max_tokens=4)
+    response = httpx.get(f"{live.url}/v1/nothing")
+    assert response.status_code == 404 and "error" in response.json()
+    assert_still_serving(live)
+
+
+def test_second_chat_turn_reuses_the_cache(live, runtime):
+    client = live.client()
+    first = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8)
+    turn = MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
+                       {"role": "user", "content": "Now a function."}]
+    second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=8,
+                                            extra_body={"return_token_ids": True})
+    assert second.usage.model_extra["spac"]["reused_prompt_tokens"] > len(chat_prompt(runtime.tokenizer, MESSAGES)) // 2
+    fresh = runtime.generate(chat_prompt(runtime.tokenizer, turn), max_new_tokens=8)  # no reuse
+    assert second.choices[0].model_extra["token_ids"] == fresh.token_ids
+
+
+def test_api_key_and_queue_limit(runtime, live, monkeypatch):
+    slow_target(runtime, monkeypatch)
+    guarded = LiveServer(Server(runtime, "tiny", api_key="sesame", queue_limit=1))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            guarded.client("wrong").models.list()
+        assert httpx.get(f"{guarded.url}/v1/models").status_code == 401
+        client = guarded.client("sesame")
+        assert [model.id for model in client.models.list()] == ["tiny"]
+        # One long generation holds the only place in the queue: the next request gets 503.
+        request = {"prompt": PROMPTS[0], "max_tokens": runtime.context - 8, "stream": True}
+        headers = {"Authorization": "Bearer sesame"}
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{guarded.url}/v1/completions", json=request, headers=headers) as response:
+                next(response.iter_lines())
+                busy = http.post(f"{guarded.url}/v1/completions", json={"prompt": "x"}, headers=headers)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
+        wait_idle(guarded.server)
+        assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        guarded.stop()
+
+
+def test_spac_serve_command(exported, tmp_path):
+    """The console command: binds where told, logs to --log-file, answers, exits on SIGTERM;
+    a bad package is one error line and exit code 2."""
+    port = free_port()
+    log_file = tmp_path / "serve.log"
+    process = subprocess.Popen([sys.executable, "-m", "spac.runtime.server", "--package", str(exported(FAMILY).output),
+                                "--port", str(port), "--api-key", "k", "-v", "--log-file", str(log_file)],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "spac-serve did not start"
+                time.sleep(0.2)
+        assert health.json()["status"] == "ok"
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer k"},
+                           json={"prompt": "x", "max_tokens": 3}, timeout=60)
+        assert reply.json()["usage"]["completion_tokens"] == 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "serving" in log_file.read_text()
+    bad = subprocess.run([sys.executable, "-m", "spac.runtime.server", "--package", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("spac-serve: error:") and len(bad.stderr.strip().splitlines()) == 1
