@@ -172,7 +172,8 @@ def run_interactive(runtime, system: str | None, request: dict) -> int:
 
     session = ChatSession(runtime, system=system, **request)
     try:
-        return interactive(session, write, on_result=lambda result: print(stats_line(result.stats), file=sys.stderr))
+        return interactive(session, write,
+                           on_result=lambda result: print(stats_line(result.stats.as_dict()), file=sys.stderr))
     finally:
         runtime.close()
 
