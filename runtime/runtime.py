@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -81,6 +82,8 @@ class Runtime:
                                        provider_options=self.profile.provider_options())
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier)
         self.experts = build_experts(self.manifest, self.profile, self.sessions, options)
+        # A Runtime dropped without close() stops its reader and prefetch threads all the same.
+        self._finalizer = weakref.finalize(self, self.experts.close)
         # The trunk and the draft run where the profile puts them: on the GPU when there is one.
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts,
                                   provider=self.provider)
@@ -101,8 +104,7 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the prefetch worker and release the sessions and expert weights."""
-        if self.experts is not None:
-            self.experts.close()
+        self._finalizer()  # closes the experts, once
         self.experts = self.target = self.draft = None
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
