@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .read_pool import READ_TIMEOUT_S
+from .read_pool import READ_TIMEOUT_S, wait
 from .stats import PagingStats
 
 POLICIES = ("lru", "static", "spac")
@@ -68,7 +68,7 @@ class HostCache:
             event = self.in_flight.get(key) if slot is None else None
         if slot is None and event is not None:
             started = time.perf_counter()
-            event.wait(READ_TIMEOUT_S)
+            wait(event.wait, READ_TIMEOUT_S)
             self.paging.stall_seconds += time.perf_counter() - started
             with self.lock:
                 slot = self.slots.get(key)

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from concurrent import futures
 from concurrent.futures import Future
 
 from .storage import ExpertFileError
 
 READ_TIMEOUT_S = 120  # a read of one expert takes milliseconds; two minutes means it hangs
+# A Ctrl-C that the kernel hands to another thread does not wake the main thread's wait; the
+# main thread sees it when it next wakes, so its waits wake this often.
+WAKE_S = 0.1
 
 
 class ReadPool:
@@ -45,10 +50,19 @@ class ReadPool:
             self.jobs.put(None)
 
 
+def wait(done, timeout: float) -> bool:
+    """Wait until `done(seconds)` (a wait of at most that long) says True, for at most
+    `timeout` seconds; False when it never did."""
+    deadline = time.monotonic() + timeout
+    while not done(max(0.0, min(WAKE_S, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            return False
+    return True
+
+
 def result(future: Future, what) -> object:
     """The read's result, or an ExpertFileError naming `what` once it took READ_TIMEOUT_S."""
-    try:
-        return future.result(timeout=READ_TIMEOUT_S)
-    except TimeoutError:
+    if not wait(lambda seconds: bool(futures.wait([future], timeout=seconds).done), READ_TIMEOUT_S):
         raise ExpertFileError(f"reading {what} took more than {READ_TIMEOUT_S} s (a hung disk or network file "
-                              "system?); giving up") from None
+                              "system?); giving up")
+    return future.result()

@@ -167,8 +167,6 @@ def test_a_hung_read_becomes_a_clear_error(package, monkeypatch):
 # Threads end with the Runtime; Ctrl-C ends spac-run even during a hung read
 
 
-def spac_threads() -> list[str]:
-    return [thread.name for thread in threading.enumerate() if thread.name.startswith("spac")]
 
 
 def wait_for(condition, seconds: float = 10) -> bool:
@@ -182,16 +180,17 @@ def wait_for(condition, seconds: float = 10) -> bool:
 
 @pytest.mark.parametrize("ending", ["close", "drop"])
 def test_reader_and_prefetch_threads_end_with_the_runtime(package, ending):
-    assert wait_for(lambda: not spac_threads()), spac_threads()  # what earlier tests left is gone
+    before = set(threading.enumerate())
     runtime = Runtime(package, policy="spac", host_budget=PAGED)
     runtime.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS)
-    assert len(spac_threads()) >= 2, spac_threads()  # readers and the prefetch worker
+    started = set(threading.enumerate()) - before
+    assert {thread.name for thread in started} >= {"spac-read-0", "spac-prefetch"}, started
     if ending == "close":
         runtime.close()
     else:  # dropped without close()
         del runtime
         gc.collect()
-    assert wait_for(lambda: not spac_threads()), spac_threads()
+    assert wait_for(lambda: not any(thread.is_alive() for thread in started)), [t for t in started if t.is_alive()]
 
 
 STUCK_READ = """
@@ -233,3 +232,28 @@ def test_spac_run_refuses_a_bad_expert_file_in_one_line(package_copy):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("spac-run: error: ") and "/experts/" in lines[0] and "sha256" in lines[0], lines
+
+
+def test_spac_serve_answers_a_bad_expert_file_with_one_error_and_keeps_serving(package_copy, caplog):
+    import httpx
+
+    from spac.runtime.server import BackgroundServer, Server
+
+    originals = {path: path.read_bytes() for path in expert_data_files(package_copy)}
+    with Runtime(package_copy, host_budget=EVERY_READ) as runtime:
+        live = BackgroundServer(Server(runtime, "tiny"))
+        try:
+            for path, data in originals.items():
+                path.write_bytes(corrupt(data))
+            request = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+            reply = httpx.post(f"{live.url}/v1/completions", json=request, timeout=120)
+            assert reply.status_code == 500, reply.text
+            message = reply.json()["error"]["message"]
+            assert "/experts/" in message and "sha256" in message and "\n" not in message, message
+            failures = [record for record in caplog.records if record.name == "spac.server"]
+            assert failures and all(record.exc_info is None for record in failures), "a traceback was logged"
+            for path, data in originals.items():
+                path.write_bytes(data)
+            assert httpx.post(f"{live.url}/v1/completions", json=request, timeout=120).status_code == 200
+        finally:
+            live.stop()
