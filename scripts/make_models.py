@@ -246,7 +246,8 @@ def _randomize_constant_inits(model: torch.nn.Module) -> None:
     """Give biases, sinks, DeepSeek's e_score_correction_bias and norm weights random values."""
     stds = {"sinks": SINK_STD, "e_score_correction_bias": SCORE_CORRECTION_STD}
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
+        # (transformers 5.25's Llama 4 has weightless RMS norms)
+        if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
             torch.nn.init.normal_(module.weight, mean=1.0, std=NORM_WEIGHT_STD)
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if name in stds or name.endswith("bias"):
