@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .read_pool import READ_TIMEOUT_S, wait
 from .stats import PagingStats
 
 POLICIES = ("lru", "static", "spac")
@@ -60,13 +61,14 @@ class HostCache:
 
     def get(self, key) -> dict | None:
         """The expert's weights (waiting for the prefetcher if it is reading them right now), or
-        None on a miss."""
+        None on a miss. A prefetch read that hangs counts as a miss after READ_TIMEOUT_S: the
+        caller then reads the file itself, and its own wait names the file when it hangs too."""
         with self.lock:
             slot = self.slots.get(key)
             event = self.in_flight.get(key) if slot is None else None
         if slot is None and event is not None:
             started = time.perf_counter()
-            event.wait()
+            wait(event.wait, READ_TIMEOUT_S)
             self.paging.stall_seconds += time.perf_counter() - started
             with self.lock:
                 slot = self.slots.get(key)

@@ -13,7 +13,6 @@ round's prefetches queued and the balancer's next plan requested, all while the 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ from .device_slots import DeviceSlots
 from .experts import ExpertKernel, group_by_expert
 from .host_cache import HostCache, PassPosition
 from .prefetcher import Prefetcher
+from .read_pool import ReadPool, result
 from .stats import ExpertStats, PagingStats
 from .storage import ExpertFiles
 
@@ -50,10 +50,10 @@ class PagedExperts:
         self.host = HostCache(policy, self.capacity, self.position, self.stats.paging)
         self.counts = np.zeros((max(self.moe_layers) + 1, self.num_experts), dtype=np.int64)
         self.routing_totals = np.zeros_like(self.counts)
+        self.readers = ReadPool(READ_THREADS, "spac-read")
         if policy == "static":
             self.host.fill_static(self.files.read, frequencies, self.moe_layers, self.num_experts)
         self.device, self.planner = device, planner
-        self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="spac-read")
         self.prefetcher = (Prefetcher(self.host, self._read, self._admit, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
 
@@ -97,7 +97,7 @@ class PagedExperts:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
         for expert, read in reads.items():
             started = time.perf_counter()
-            weights[expert] = read.result()
+            weights[expert] = result(read, self.files.path(layer, expert))
             paging.stall_seconds += time.perf_counter() - started
             self._admit((layer, expert), weights[expert])
             outputs[expert] = (self.kernel.run(x[groups[expert][0]], weights[expert]), "cpu")
@@ -147,10 +147,14 @@ class PagedExperts:
         if weights is None:
             self.stats.paging.host_misses += 1
             started = time.perf_counter()
-            weights = self._read(layer, expert)
+            weights = self._read_now(layer, expert)
             self.stats.paging.stall_seconds += time.perf_counter() - started
             self._admit(key, weights)
         return weights
+
+    def _read_now(self, layer: int, expert: int) -> dict:
+        """Read on a reader thread and wait for it: the caller's wait has a timeout, a read has none."""
+        return result(self.readers.submit(self._read, layer, expert), self.files.path(layer, expert))
 
     def _read(self, layer: int, expert: int) -> dict:
         weights = self.files.read(layer, expert)
@@ -209,6 +213,6 @@ class PagedExperts:
 
     def close(self) -> None:
         self.stop_prefetching()
-        self.readers.shutdown(wait=True)
+        self.readers.close()
         if self.planner is not None:
             self.planner.close()

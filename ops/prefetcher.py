@@ -3,7 +3,9 @@ thread that reads them from storage while the draft runs.
 
 A queued request whose layer has already started in the current pass is stale and dropped. An
 exception in the worker is kept and raised to the caller at its next layer (`raise_error`), once;
-the worker is then restarted. Python threads suffice for overlap: os.pread, numpy and ONNX
+the worker is then restarted; a bad package file (PackageFileError) is raised as it is, any other
+error as a RuntimeError. stop() waits for the worker a moment only: one stuck in a read (a hung
+disk) is a daemon thread, left behind. Python threads suffice for overlap: os.pread, numpy and ONNX
 Runtime release the GIL.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .stats import PagingStats
 from .host_cache import HostCache, PassPosition
+from .storage import PackageFileError
 
 
 @dataclass(order=True)
@@ -28,6 +31,7 @@ class PrefetchRequest:
     expert: int = field(compare=False)
 
 
+STOP_WAIT_S = 1.0  # a read takes milliseconds; a worker still reading after this is stuck
 STOP = PrefetchRequest((float("-inf"),), 0.0, -1, -1, -1)  # served before any real request
 
 
@@ -89,9 +93,11 @@ class Prefetcher:
         if self.error is not None:
             error, self.error = self.error, None
             self.start()  # the caller hears of the failure once; later rounds prefetch again
+            if isinstance(error, PackageFileError):  # already one line naming the file
+                raise error
             raise RuntimeError(f"the expert prefetch worker failed: {error}") from error
 
     def stop(self) -> None:
         self.closed = True
         self.requests.put(STOP)
-        self.worker.join(timeout=5)
+        self.worker.join(timeout=STOP_WAIT_S)

@@ -111,7 +111,8 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     session made without the global pool once it exists, so only the command itself defaults to it."""
     args = parse_args(argv)
     setup_logging("spac-run", args)
-    from .manifest import ManifestError
+    from spac.ops.storage import PackageFileError
+
     from .runtime import GenerationError, Runtime
 
     providers = args.providers.split(",") if args.providers else None
@@ -120,7 +121,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
                           strict=args.strict, policy=args.policy, host_budget=args.host_budget,
                           estimator=args.estimator,
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
-    except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
+    except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # while loading: nothing generated yet
@@ -139,8 +140,10 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         for piece in stream:
             if not args.json:
                 print(piece, end="", flush=True)
-    except (GenerationError, ValueError, TypeError) as error:
+    except (GenerationError, PackageFileError, ValueError, TypeError) as error:
+        # A package file found bad while paging (changed, unreadable, hung) ends the run too.
         print(f"spac-run: error: {error}", file=sys.stderr)
+        runtime.close()
         return 2
     except KeyboardInterrupt:
         # The interrupt may land outside the generator (here, while printing): close it so its

@@ -26,13 +26,14 @@ from pathlib import Path
 import yaml
 
 from spac.ops.expert_graph import DTYPES, expert_tensors
+from spac.ops.storage import PackageFileError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.yaml"
 PRODUCER = "moe-spac"  # what a manifest written by spac-export names as its producer
 
 
-class ManifestError(Exception):
+class ManifestError(PackageFileError):
     """The package is missing, malformed or corrupt; the message names the file and field."""
 
 

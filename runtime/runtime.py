@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -79,6 +82,8 @@ class Runtime:
                                        provider_options=self.profile.provider_options())
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier)
         self.experts = build_experts(self.manifest, self.profile, self.sessions, options)
+        # A Runtime dropped without close() stops its reader and prefetch threads all the same.
+        self._finalizer = weakref.finalize(self, self.experts.close)
         # The trunk and the draft run where the profile puts them: on the GPU when there is one.
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts,
                                   provider=self.provider)
@@ -86,6 +91,10 @@ class Runtime:
                       if self.manifest.draft else None)
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.last_result: GenerationResult | None = None
+        # One generation at a time: the KV caches, the expert cache and the stats are the
+        # Runtime's, so two interleaved generations would corrupt each other's tokens.
+        self._lock = threading.Lock()
+        self._generating_thread: int | None = None
 
     def __enter__(self) -> "Runtime":
         return self
@@ -95,17 +104,19 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the prefetch worker and release the sessions and expert weights."""
-        if self.experts is not None:
-            self.experts.close()
+        self._finalizer()  # closes the experts, once
         self.experts = self.target = self.draft = None
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, speculative: bool = True,
                  **options) -> GenerationResult:
-        """Takes stream()'s arguments and returns the whole result."""
-        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, **options):
+        """Takes stream()'s arguments and returns the whole result. Safe to call from several
+        threads: calls on one Runtime run one after the other, each with its own result."""
+        result, pieces = self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative,
+                                          **options)
+        for _ in pieces:
             pass
-        return self.last_result
+        return result
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                seed: int | None = None, stop: list[str] | None = None, speculative: bool = True, *,
@@ -118,13 +129,40 @@ class Runtime:
         repetition_penalty, frequency_penalty, presence_penalty) take the model's
         generation_config defaults, else greedy. `reuse_cache` keeps the KV cache's common prefix
         with the previous sequence (a chat's earlier turns); `cancel()` returning True ends the
-        generation after the current round."""
-        if self.target is None:
-            raise RuntimeError("this Runtime is closed")
+        generation after the current round. Generations on one Runtime run one at a time (a
+        stream holds the Runtime from its first piece until it ends or is closed); from several
+        threads, read each result from generate(), since `last_result` is the latest one."""
+        return self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative,
+                                reuse_cache=reuse_cache, cancel=cancel, **sampling)[1]
+
+    def _generation(self, prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, *,
+                    reuse_cache: bool = False, cancel=None, **sampling) -> tuple[GenerationResult, Iterator[str]]:
+        """The result a generation will fill in and the generator of its pieces."""
+        self._check_open()
         prompt_ids = self._check_request(prompt, max_new_tokens)
         sampler = Sampler.from_options(self.generation_defaults, seed, temperature=temperature, top_p=top_p,
                                        **sampling)
-        return self._pieces(prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache, cancel)
+        result = GenerationResult("", [])
+        return result, self._pieces(result, prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache,
+                                    cancel)
+
+    def _check_open(self) -> None:
+        if self.target is None:
+            raise RuntimeError("this Runtime is closed")
+
+    @contextmanager
+    def _exclusive(self):
+        """Hold the Runtime for one generation; waits for another thread's to end."""
+        if self._generating_thread == threading.get_ident():  # waiting would never end
+            raise RuntimeError("this thread is already generating with this Runtime: finish or close() "
+                               "that stream before starting another")
+        with self._lock:
+            self._generating_thread = threading.get_ident()
+            try:
+                self._check_open()  # closed while this call waited
+                yield
+            finally:
+                self._generating_thread = None
 
     def chat(self, messages: list[dict], system: str | None = None, add_generation_prompt: bool = True,
              template_kwargs: dict | None = None, **options) -> GenerationResult:
@@ -139,13 +177,19 @@ class Runtime:
         """The model's generation_config.json sampling values, as the exporter carried them."""
         return self.manifest.tokenizer.get("generation") or {}
 
-    def _pieces(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop, speculative: bool,
-                reuse_cache: bool = False, cancel=None):
+    def _pieces(self, result: GenerationResult, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop,
+                speculative: bool, reuse_cache: bool = False, cancel=None):
+        with self._exclusive():
+            self.last_result = result
+            yield from self._generate(result, prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache,
+                                      cancel)
+
+    def _generate(self, result: GenerationResult, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+                  stop, speculative: bool, reuse_cache: bool, cancel):
         limit = min(max_new_tokens, self.context - len(prompt_ids))
         decoder = Decoder(self.target, self.draft if speculative else None, sampler, self.experts)
         draft_len = self.draft_len if speculative else 0
         text = _TextAssembler(self.tokenizer, stop or [])
-        result = self.last_result = GenerationResult("", [])
         self.experts.reset_stats()  # stats are per generation; cached experts stay
         started = time.perf_counter()
         prefill_seconds = None

@@ -24,6 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from spac.ops.storage import PackageFileError
+
 from . import openai_api as api
 from .chat import chat_prompt
 from .logs import add_logging_flags, setup_logging
@@ -84,6 +86,9 @@ class GenerationQueue:
             for piece in job.pieces:
                 job.post(PIECE, piece)
             job.post(DONE, self.runtime.last_result)
+        except PackageFileError as error:  # a package file found bad while paging: one line, no traceback
+            log.error("generation failed: %s", error)
+            job.post(FAILED, f"generation failed: {error}")
         except Exception as error:  # noqa: BLE001 - the worker must survive any one request
             log.exception("generation failed")
             job.post(FAILED, f"generation failed: {error}")
@@ -343,13 +348,12 @@ def main(argv=None) -> int:
     setup_logging("spac-serve", args)
     import uvicorn
 
-    from .manifest import ManifestError
     from .profile import ProfileError
     from .runtime import Runtime
 
     try:
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True)
-    except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
+    except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-serve: error: {error}", file=sys.stderr)
         return 2
     server = Server(runtime, args.model_name or Path(args.package).resolve().name, args.api_key, args.queue_limit)
