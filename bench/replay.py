@@ -114,8 +114,8 @@ def replay(trace: dict, policy: str, budget: float, profile, scale: Scale, estim
     runs all experts on the GPU (MixtralOffload); `static` and `spac` split each layer between the
     GPU (cached experts) and the CPU (misses, from host RAM) with the balancer's greedy plan. On
     the CPU a miss is a storage read. `spac` prefetches, after each pass, the highest-utility
-    experts over the link, one at a time, dropping a request whose layer has started (the pager's
-    rules). Decode rounds are timed and counted; prefill and warm-up prompts only change the cache.
+    experts over the link, one at a time, served as the prefetcher serves them (by layer, then
+    utility), dropping a request whose layer has started (the pager's rules). Decode rounds are timed and counted; prefill and warm-up prompts only change the cache.
     """
     from spac.runtime.balancer import Costs, LayerInput, greedy_layer, layer_time
     from spac.runtime.estimator import make_estimator
@@ -139,7 +139,7 @@ def replay(trace: dict, policy: str, budget: float, profile, scale: Scale, estim
     cache = ReplayCache(policy, slots_for(budget, L * E), (L, E), frequencies)
     capacity = cache.host.capacity
     prefetching = policy == "spac" and capacity > 0 and not cache.resident
-    queue: list[tuple[int, int]] = []  # next round's prefetches, best first
+    queue: list[tuple[int, int]] = []  # next round's prefetches, in the order the prefetcher serves them
     in_flight = None  # (finish time, key): the worker reads one expert at a time
     link_free = 0.0
     totals = dict(seconds=0.0, tokens=0, rounds=0, hits=0, lookups=0, stall_ms=0.0, storage_ms=0.0,
@@ -246,13 +246,14 @@ def replay(trace: dict, policy: str, budget: float, profile, scale: Scale, estim
             if prefetching:
                 totals["dropped"] += len(queue)
                 utilities = est.utilities()
-                queue = []
+                wanted = []
                 for flat in np.argsort(-utilities, axis=None, kind="stable")[:capacity]:
                     key = divmod(int(flat), E)
                     if utilities[key] <= 0:
                         break
                     if key not in cache.host:
-                        queue.append(key)
+                        wanted.append(PrefetchRequest((key[0], -utilities[key]), utilities[key], 0, *key))
+                queue = [(r.layer, r.expert) for r in sorted(wanted)]  # the prefetcher's serving order
                 totals["issued"] += len(queue)
                 link_free -= t
                 if in_flight is not None:
