@@ -47,6 +47,8 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import reduce
+from operator import add
 from pathlib import Path
 
 import numpy as np
@@ -492,47 +494,32 @@ def one_run(make_runtime, prompts: list[str], speculative: bool, args, reference
                                                   args.acceptance, args.seed)
         runtime.generate(prompts[0][:40], max_new_tokens=4, speculative=speculative)  # ORT warm-up
         runtime.experts.routing_totals[:] = 0
-        totals = dict(decode_tokens=0, decode_seconds=0.0, proposed=0, accepted=0, stall_seconds=0.0)
-        tiers = {"device_hits": 0, "device_fetches": 0, "device_bytes_copied": 0, "host_hits": 0, "host_misses": 0,
-                 "storage_bytes_read": 0}
-        calls: dict[str, int] = {}
-        prefetch = dict(issued=0, used=0, dropped=0)
-        tokens = []
+        results = []
         for i, text in enumerate(prompts):
             if draft is not None:
                 ids = runtime.tokenizer.encode_prompt(text)
                 draft.reference = ids + references[i]
-            result = runtime.generate(text, max_new_tokens=args.max_new_tokens, speculative=speculative)
-            stats = result.stats.as_dict()
-            tokens.append(result.token_ids)
-            totals["decode_tokens"] += stats["new_tokens"] - 1
-            totals["decode_seconds"] += stats["decode_seconds"]
-            totals["proposed"] += stats["draft_tokens_proposed"]
-            totals["accepted"] += stats["draft_tokens_accepted"]
-            totals["stall_seconds"] += stats["stall_seconds"]
-            t = stats["tiers"]
-            tiers["device_hits"] += t["device"]["hits"]
-            tiers["device_fetches"] += t["device"]["fetches"]
-            tiers["device_bytes_copied"] += t["device"]["bytes_copied"]
-            tiers["host_hits"] += t["host"]["hits"]
-            tiers["host_misses"] += t["host"]["misses"]
-            tiers["storage_bytes_read"] += t["storage"]["bytes_read"]
-            for provider, n in stats["expert_calls"].items():
-                calls[provider] = calls.get(provider, 0) + n
-            for key in prefetch:
-                prefetch[key] += stats["prefetch"][key]
+            results.append(runtime.generate(text, max_new_tokens=args.max_new_tokens, speculative=speculative))
         routing = runtime.experts.routing_totals.copy()
         has_device = runtime.experts.device is not None
-    lookups = tiers["host_hits"] + tiers["host_misses"]
+    stats = reduce(add, (r.stats for r in results))
+    paging, calls = stats.experts.paging, dict(stats.experts.calls)
+    tiers = {name: getattr(paging, name) for name in ("device_hits", "device_fetches", "device_bytes_copied",
+                                                      "host_hits", "host_misses", "storage_bytes_read")}
+    lookups = paging.host_hits + paging.host_misses
     device_lookups = sum(calls.values()) if has_device else 0
     return {
-        "tokens_per_second": totals["decode_tokens"] / totals["decode_seconds"] if totals["decode_seconds"] else 0.0,
-        "acceptance_rate": totals["accepted"] / totals["proposed"] if totals["proposed"] else None,
-        "host_hit_rate": tiers["host_hits"] / lookups if lookups else 1.0,
-        "device_hit_rate": tiers["device_hits"] / device_lookups if device_lookups else None,
-        "expert_calls": calls, **totals, **tiers, "prefetch": prefetch,
+        "tokens_per_second": stats.tokens_per_second,
+        "acceptance_rate": stats.decode.acceptance_rate if stats.decode.proposed else None,
+        "host_hit_rate": paging.host_hits / lookups if lookups else 1.0,
+        "device_hit_rate": paging.device_hits / device_lookups if device_lookups else None,
+        "expert_calls": calls, "decode_tokens": stats.decoded_tokens, "decode_seconds": stats.decode_seconds,
+        "proposed": stats.decode.proposed, "accepted": stats.decode.accepted, "stall_seconds": paging.stall_seconds,
+        **tiers, "prefetch": {"issued": paging.prefetch_issued, "used": paging.prefetch_used,
+                              "dropped": paging.prefetch_dropped},
         "load_seconds": load_seconds, "warm_host_seconds": warm_seconds,
-        "wall_seconds": time.perf_counter() - started, "token_ids": tokens, "routing": routing,
+        "wall_seconds": time.perf_counter() - started, "token_ids": [r.token_ids for r in results],
+        "routing": routing,
     }
 
 
