@@ -201,3 +201,12 @@ def test_gpu_check_dry_run(tmp_path):
     device = result["stages"]["device"]["runs"]["spac+SD (spac-counter)"]
     assert device["device_hits"] + device["device_fetches"] > 0  # the device tier was used
     assert result["stages"]["host"]["runs"]["lru"]["storage_bytes_read"] > 0  # and storage paging
+
+
+def test_bench_package_imports_without_torch():
+    """spac.bench serves the device side too (the GPU check runs where torch is not installed)."""
+    import subprocess
+
+    code = ("import spac.bench.measure, spac.bench.prompts, spac.bench.replay, spac.bench.trace, sys; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
