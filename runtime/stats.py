@@ -11,6 +11,9 @@ from .speculative import DecodeStats
 
 @dataclass
 class GenerationStats:
+    """One generation: its tokens and seconds, the decoder's rounds (`decode`) and what the
+    expert stack did (`experts`); two generations' stats sum with `+`."""
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0

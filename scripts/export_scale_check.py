@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -124,8 +123,9 @@ def main(argv=None) -> int:
         draft_dir = make_model("qwen3", work / "draft")
         build_seconds = time.perf_counter() - built
         package = work / "package"
-        command = [str(Path(sysconfig.get_path("scripts")) / "spac-export"), str(model_dir), "--draft",
-                   str(draft_dir), "-o", str(package), "--force", "--quiet"]
+        # This interpreter's spac, not whichever `spac-export` an install put on the PATH.
+        command = [sys.executable, "-m", "spac.export.cli", str(model_dir), "--draft", str(draft_dir), "-o",
+                   str(package), "--force", "--quiet"]
         if args.no_verify:
             command.append("--no-verify")
         run = run_export(command)

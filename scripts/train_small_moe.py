@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Train a small Qwen3-MoE and a dense Qwen3 draft on the Python standard library, on the CPU.
 
-Random-weight models route almost i.i.d. and an unrelated draft is never accepted, so policy
-benchmarks need a model that has learned something (DESIGN.md, "Measuring honestly"). This
-script trains one on 2 cores in under 30 minutes (26 measured on a busy shared machine):
+Random-weight models route almost i.i.d. and an unrelated draft is never accepted, so a policy
+benchmark on them proves little: the benchmarks need a model that has learned something, and
+the standard library's sources are on every machine. This script trains one on 2 cores in under
+30 minutes (26 measured on a busy shared machine):
 
     python scripts/train_small_moe.py              # full run → cache/trained/{small-moe,small-draft}
     python scripts/train_small_moe.py --quick      # about a minute, for tests
