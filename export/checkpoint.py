@@ -58,7 +58,9 @@ class Checkpoint:
     def _open(self, shard: str):
         path = self.dir / shard
         try:
-            return self._stack.enter_context(safe_open(path, framework="pt"))
+            # pread, not mmap: pages of a mapped checkpoint stay in the process's resident set
+            # while it is open, so RSS would grow with every tensor read (page cache, but counted).
+            return self._stack.enter_context(safe_open(path, framework="pt", backend="pread"))
         except (SafetensorError, OSError) as error:
             raise ExportError(f"checkpoint shard {path} is truncated or corrupt ({_first_line(error)}); "
                               "download or save the model again") from None
@@ -136,7 +138,7 @@ def _tensor_shards(model_dir: Path) -> dict[str, str]:
 @contextmanager
 def safe_open_checked(path: Path):
     try:
-        file = safe_open(path, framework="pt")
+        file = safe_open(path, framework="pt", backend="pread")
     except (SafetensorError, OSError) as error:
         raise ExportError(f"checkpoint shard {path} is truncated or corrupt ({_first_line(error)}); "
                           "download or save the model again") from None
