@@ -44,13 +44,12 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
-        self.shard_of = _tensor_shards(self.dir)
         self._stack = ExitStack()
-        self._files = {}
         try:
-            for shard in sorted(set(self.shard_of.values())):
-                self._files[shard] = self._open(shard)
-            self._check_index()
+            index = _index(self.dir)
+            self._files = {shard: self._open(shard) for shard in sorted(set(index.values()) if index else [SINGLE])}
+            self.shard_of = index or dict.fromkeys(self._files[SINGLE].keys(), SINGLE)
+            self._check()
         except BaseException:
             self.close()
             raise
@@ -65,23 +64,19 @@ class Checkpoint:
             raise ExportError(f"checkpoint shard {path} is truncated or corrupt ({_first_line(error)}); "
                               "download or save the model again") from None
 
-    def _check_index(self) -> None:
+    def _check(self) -> None:
+        """Every tensor is where the index says, and of a float dtype."""
+        held = {shard: set(file.keys()) for shard, file in self._files.items()}
         for name, shard in self.shard_of.items():
-            if name not in self._names(shard):
+            if name not in held[shard]:
                 raise ExportError(f"{self.dir / INDEX} says tensor {name} is in {shard}, which does not hold it; "
                                   "the index and the shards are from different saves")
         for shard, file in self._files.items():
-            for name in file.keys():
+            for name in sorted(held[shard]):
                 dtype = file.get_slice(name).get_dtype()
                 if dtype not in FLOAT_DTYPES:
                     raise ExportError(f"tensor {name} in {self.dir / shard} is {dtype}; spac exports float "
                                       f"checkpoints ({', '.join(FLOAT_DTYPES)}): dequantize the model first")
-
-    def _names(self, shard: str) -> set[str]:
-        cache = self.__dict__.setdefault("_shard_names", {})
-        if shard not in cache:
-            cache[shard] = set(self._files[shard].keys())
-        return cache[shard]
 
     def names(self) -> list[str]:
         return sorted(self.shard_of)
@@ -112,15 +107,15 @@ def _last_line(text) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def _tensor_shards(model_dir: Path) -> dict[str, str]:
-    """tensor name -> shard file name, from model.safetensors.index.json or the single shard."""
+def _index(model_dir: Path) -> dict[str, str] | None:
+    """tensor name -> shard file name from model.safetensors.index.json; None for a single
+    model.safetensors."""
     index = model_dir / INDEX
     if not index.is_file():
         if not (model_dir / SINGLE).is_file():
             raise ExportError(f"{model_dir} has neither {SINGLE} nor {INDEX}; spac reads safetensors checkpoints "
                               "(save the model with save_pretrained)")
-        with safe_open_checked(model_dir / SINGLE) as file:
-            return dict.fromkeys(file.keys(), SINGLE)
+        return None
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -133,17 +128,6 @@ def _tensor_shards(model_dir: Path) -> dict[str, str]:
         if not (model_dir / shard).is_file():
             raise ExportError(f"{index} names shard {shard}, which is absent from {model_dir}")
     return dict(weight_map)
-
-
-@contextmanager
-def safe_open_checked(path: Path):
-    try:
-        file = safe_open(path, framework="pt", backend="pread")
-    except (SafetensorError, OSError) as error:
-        raise ExportError(f"checkpoint shard {path} is truncated or corrupt ({_first_line(error)}); "
-                          "download or save the model again") from None
-    with file:
-        yield file
 
 
 def refuse_quantized(model_dir: Path, config) -> None:

@@ -33,10 +33,11 @@ SHARD = "model.safetensors"
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """A two-layer qwen3_moe with four experts (float32, one shard) and a one-layer draft."""
+    """A two-layer qwen3_moe with four experts (float32, one shard) and a one-layer draft whose head
+    is tied to its embedding (as Qwen3-0.6B's is)."""
     root = tmp_path_factory.mktemp("checkpoints")
     return (make_model("qwen3_moe", root / "model", num_hidden_layers=2, num_experts=4),
-            make_model("qwen3", root / "draft", num_hidden_layers=1))
+            make_model("qwen3", root / "draft", num_hidden_layers=1, tie_word_embeddings=True))
 
 
 def resave(model_dir: Path, out: Path, dtype: torch.dtype, max_shard_size="50KB") -> Path:
