@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import signal
 import sys
@@ -127,6 +128,11 @@ def main(argv=None) -> int:
         print(f"spac-export: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
+        if error.errno == errno.ENOSPC:  # the disk filled up: the user's to fix, like bad input
+            print(f"spac-export: error: no space left on the device holding {args.output.absolute().parent} while "
+                  f"writing the package ({error.strerror}); nothing was left behind: free some space or choose another -o",
+                  file=sys.stderr)
+            return 2
         print(f"spac-export: error: writing the package failed: {error}; nothing was left behind", file=sys.stderr)
         return 1
     print(summary(result))
