@@ -65,14 +65,7 @@ def parse_args(argv):
     parser.add_argument("--providers", default=None,
                         help="comma-separated execution providers for experts, e.g. cuda,cpu (default: profile's)")
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back when CUDA is missing")
-    parser.add_argument("--policy", choices=POLICIES, default=None,
-                        help="expert cache policy when the experts do not all fit (default: profile's)")
-    parser.add_argument("--host-budget", type=parse_host_budget, default=None,
-                        help="host RAM for the expert cache: a share of the expert bytes ('25%%', 0.25) or bytes "
-                             "of expert cache ('1048576', '512MiB'); below 100%% experts are paged from the "
-                             "package (default: profile's)")
-    parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
-                        help="utility estimator of the spac policy (default: profile's)")
+    add_expert_cache_flags(parser)
     parser.add_argument("--thread-pool", choices=("global", "per-session"), default=None,
                         help="'global': one ONNX Runtime thread pool shared by all sessions, 10-20%% faster "
                              "decoding on the CPU; 'per-session': a pool per session, for callers of main() "
@@ -84,6 +77,19 @@ def parse_args(argv):
     if args.prompt is None and not args.interactive:
         parser.error("--prompt is required (or --interactive)")
     return args
+
+
+def add_expert_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """--policy, --host-budget and --estimator: how experts are cached, overriding the profile
+    (spac-run and spac-serve)."""
+    parser.add_argument("--policy", choices=POLICIES, default=None,
+                        help="expert cache policy when the experts do not all fit (default: profile's)")
+    parser.add_argument("--host-budget", type=parse_host_budget, default=None,
+                        help="host RAM for the expert cache: a share of the expert bytes ('25%%', 0.25) or bytes "
+                             "of expert cache ('1048576', '512MiB'); below 100%% experts are paged from the "
+                             "package (default: profile's)")
+    parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
+                        help="utility estimator of the spac policy (default: profile's)")
 
 
 def parse_host_budget(text: str) -> float | int:

@@ -28,6 +28,7 @@ from spac.ops.storage import PackageFileError
 
 from . import openai_api as api
 from .chat import chat_prompt
+from .cli import add_expert_cache_flags
 from .logs import add_logging_flags, setup_logging
 from .runtime import GenerationError
 
@@ -334,6 +335,7 @@ def parse_args(argv):
     parser.add_argument("--queue-limit", type=int, default=16,
                         help="requests waiting or running at most; more get 503 (default: 16)")
     parser.add_argument("--draft-len", type=int, default=None, help="γ, draft tokens per round (default: profile's)")
+    add_expert_cache_flags(parser)
     add_logging_flags(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -352,7 +354,8 @@ def main(argv=None) -> int:
     from .runtime import Runtime
 
     try:
-        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True)
+        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, policy=args.policy,
+                          host_budget=args.host_budget, estimator=args.estimator, global_thread_pool=True)
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-serve: error: {error}", file=sys.stderr)
         return 2
