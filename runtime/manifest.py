@@ -27,7 +27,7 @@ import yaml
 
 from spac.ops.expert_graph import DTYPES, expert_tensors
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: MoE layer graphs output the router's logits
 MANIFEST = "manifest.yaml"
 PRODUCER = "moe-spac"  # what a manifest written by spac-export names as its producer
 
