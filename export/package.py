@@ -184,7 +184,9 @@ def model_section(family: Family, model, trunk: dict, prefix: str) -> dict:
     if family.moe:
         dims.update(family.moe_dims(config))
     for layer in trunk["layers"]:
-        layer["file"] = f"{prefix}/{layer['file']}"
+        for graph in ("file", "post_experts"):
+            if graph in layer:
+                layer[graph] = f"{prefix}/{layer[graph]}"
     return {"architecture": config.architectures[0], "model_type": config.model_type, "dims": dims,
             "embed": f"{prefix}/{trunk['embed']}", "head": f"{prefix}/{trunk['head']}", "layers": trunk["layers"]}
 

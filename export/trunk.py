@@ -17,6 +17,10 @@ Graphs and their interfaces (batch is always 1; T new tokens, P cached positions
           input (Llama 4) that state times the top-1 weight, with topk_weights then 1.
           router_logits are the router's raw scores of every expert: a self-drafting runtime
           ranks the experts it holds by them to stand in for one it does not.
+  post_experts (post-norm families only, one per MoE layer):
+          residual[1,T,H], routed[1,T,H] -> hidden_out[1,T,H], the residual plus the layer's norm
+          of the weighted routed-expert sum (a norm is not linear, so it cannot be folded into
+          the next graph's input)
   head:   hidden[1,T,H] -> logits[1,T,V]
 """
 
@@ -108,9 +112,13 @@ class LayerGraph(nn.Module):
         self.chunk = family.attention_chunk(model.config, index)
         self.rotary_heads_axis = family.complex_rotary_heads_axis
         self.is_moe = family.is_moe_layer(layer)
-        self.input_layernorm = layer.input_layernorm
+        self.post_norms = family.post_norms
+        # Pre-norm layers normalise what enters attention and the MLP; post-norm layers what
+        # leaves them (OLMo-2).
+        self.input_layernorm = nn.Identity() if self.post_norms else layer.input_layernorm
         self.self_attn = layer.self_attn
         self.post_attention_layernorm = layer.post_attention_layernorm
+        self.post_feedforward_layernorm = layer.post_feedforward_layernorm if self.post_norms else nn.Identity()
         mlp = family.mlp_of(layer)
         if self.is_moe:
             self.router = family.router_of(mlp)
@@ -122,21 +130,34 @@ class LayerGraph(nn.Module):
         rotary = (cos, sin) if self.rotary_heads_axis is None else RealComplex(cos, sin, self.rotary_heads_axis)
         attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=rotary,
                                  attention_mask=mask, cache=cache)
+        if self.post_norms:
+            return hidden + self.post_attention_layernorm(attn)
         return hidden + attn
 
     def forward(self, hidden, cos, sin, past_first, past_second):
         cache = ExplicitKV((past_first, past_second))
         mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype, self.chunk)
         residual = self.attend(hidden, cos, sin, cache, mask)
-        moe_input = self.post_attention_layernorm(residual)
+        moe_input = residual if self.post_norms else self.post_attention_layernorm(residual)
         if not self.is_moe:
-            return (residual + self.mlp(moe_input), *cache.present)
+            return (residual + self.post_feedforward_layernorm(self.mlp(moe_input)), *cache.present)
         flat = moe_input.reshape(-1, moe_input.shape[-1])
         routed_input, topk_ids, topk_weights, router_logits = self.family.route(self.router, flat)
         if self.shared:  # (an add of zeros would cost a decode step four nodes)
             residual = residual + self.family.shared_output(self.shared, flat).reshape(residual.shape)
         return (residual, routed_input, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype),
                 router_logits.to(hidden.dtype), *cache.present)
+
+
+class PostExpertsGraph(nn.Module):
+    """A post-norm MoE layer's end: the residual plus the norm of the routed experts' sum."""
+
+    def __init__(self, layer_graph: LayerGraph):
+        super().__init__()
+        self.norm = layer_graph.post_feedforward_layernorm
+
+    def forward(self, residual, routed):
+        return residual + self.norm(routed)
 
 
 class HeadGraph(nn.Module):
@@ -208,6 +229,11 @@ def export_layer(layer_graph: LayerGraph, embed: EmbedGraph, cos, sin, out_dir, 
     file = f"layer_{layer_graph.index:03d}.onnx"
     export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first", "past_second"],
                  [*outputs, "present_first", "present_second"], dyn, out_dir / file)
+    entry = {"index": layer_graph.index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
+             "sliding_window": layer_graph.window, "kv_shapes": shapes}
+    if layer_graph.is_moe and layer_graph.post_norms:
+        entry["post_experts"] = f"layer_{layer_graph.index:03d}_post.onnx"
+        export_graph(PostExpertsGraph(layer_graph), (hidden, hidden.clone()), ["residual", "routed"], ["hidden_out"],
+                     {"residual": {1: NEW_TOKENS}, "routed": {1: NEW_TOKENS}}, out_dir / entry["post_experts"])
     progress(f"layer {layer_graph.index}")
-    return {"index": layer_graph.index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
-            "sliding_window": layer_graph.window, "kv_shapes": shapes}
+    return entry

@@ -98,6 +98,8 @@ def _signature(manifest: Manifest, name: str):
                             ("topk_weights", [None, top_k]), ("router_logits", [None, experts])]
                            if layer.kind == "moe" else [("hidden_out", tokens)])
                 return inputs, outputs + [("present_first", first), ("present_second", second)]
+            if name == layer.post_experts:
+                return {"residual": tokens, "routed": tokens}, [("hidden_out", tokens)]
     if name.removesuffix(".onnx") + ".data" in manifest.expert_data:
         hidden = manifest.target.dims["hidden_size"]
         return {"x": [None, hidden]}, [("y", [None, hidden])]

@@ -39,6 +39,8 @@ class ModelRunner:
         self.embed = sessions.create(root / section.embed, provider)
         self.head = sessions.create(root / section.head, provider)
         self.layers = [sessions.create(root / layer.file, provider) for layer in section.layers]
+        self.post_experts = {layer.index: sessions.create(root / layer.post_experts, provider)
+                             for layer in section.layers if layer.post_experts}
         self.experts = experts
         self.on_routing = on_routing
         self.max_positions = section.dims["max_position_embeddings"]
@@ -85,8 +87,11 @@ class ModelRunner:
                 residual, moe_input, topk_ids, topk_weights, router_logits, *present = session.run(None, feeds)
                 if self.on_routing:
                     self.on_routing(layer.index, topk_ids)
-                routed = self.experts.run(layer.index, moe_input, topk_ids, topk_weights, router_logits)
-                hidden = residual + routed[None]
+                routed = self.experts.run(layer.index, moe_input, topk_ids, topk_weights, router_logits)[None]
+                if layer.index in self.post_experts:
+                    hidden = self.post_experts[layer.index].run(None, {"residual": residual, "routed": routed})[0]
+                else:
+                    hidden = residual + routed
             cache[index] = tuple(present)
         logits = self.head.run(None, {"hidden": hidden})[0][0]
         self.kv.layers, self.kv.tokens = cache, self.kv.tokens + ids[0].tolist()

@@ -97,6 +97,10 @@ MOE_CONFIGS = {
         num_experts=8, moe_intermediate_size=32, intermediate_size=128, norm_topk_prob=True,
     ),
     "olmoe": dict(num_experts=8, intermediate_size=32),
+    # OLMo-2's post-norm layers: a norm after attention and after the routed experts' sum. Its
+    # routers see the un-normed residual stream, in which at the default init std the tokens'
+    # embeddings are small beside the normed attention output, so tokens would route alike.
+    "flex_olmo": dict(num_experts=8, intermediate_size=32, initializer_range=0.1),
     "deepseek_v3": dict(
         # Multi-head latent attention: no GQA, per-head dims set by the q/k/v fields below.
         num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
@@ -242,7 +246,8 @@ def _randomize_constant_inits(model: torch.nn.Module) -> None:
     """Give biases, sinks, DeepSeek's e_score_correction_bias and norm weights random values."""
     stds = {"sinks": SINK_STD, "e_score_correction_bias": SCORE_CORRECTION_STD}
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
+        # (transformers 5.25's Llama 4 has weightless RMS norms)
+        if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
             torch.nn.init.normal_(module.weight, mean=1.0, std=NORM_WEIGHT_STD)
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if name in stds or name.endswith("bias"):
