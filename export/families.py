@@ -135,15 +135,16 @@ class Family:
         return COMPLEX_ROTARY_HEADS_AXIS.get(self.rotary)
 
     def route(self, router: nn.Module, flat: torch.Tensor):
-        """(The routed experts' input [T, H], top-k expert ids and weights [T, k]), exactly as the
-        model's router computes them."""
+        """(The routed experts' input [T, H], top-k expert ids and weights [T, k], the router's
+        logits of every expert [T, E]), exactly as the model's router computes them. The logits
+        rank the experts a self-drafting runtime may substitute for one it does not hold."""
         if self.scales == "input":  # Llama 4: scores [T, E], sigmoid of the top-1 logit, else 0
             scores, logits = router(flat)
             ids = torch.topk(logits, 1, dim=1).indices
             weight = scores.gather(1, ids)
-            return flat * weight, ids, torch.ones_like(weight)
-        _, weights, ids = router(flat)
-        return flat, ids, weights
+            return flat * weight, ids, torch.ones_like(weight), logits
+        logits, weights, ids = router(flat)
+        return flat, ids, weights, logits
 
     def unsupported(self, config) -> str | None:
         """Why this config of the family cannot be exported, or None."""

@@ -39,7 +39,7 @@ log = logging.getLogger("spac.export")
 @dataclass
 class ExportOptions:
     model_dir: Path
-    draft_dir: Path
+    draft_dir: Path | None  # None: a package without a draft model
     output: Path
     dtype: str = "float32"
     force: bool = False
@@ -88,7 +88,7 @@ def _declared_model_type(path: Path) -> str | None:
     return model_type if isinstance(model_type, str) else None
 
 
-def check_output(output: Path, force: bool, model_dir: Path, draft_dir: Path) -> None:
+def check_output(output: Path, force: bool, model_dir: Path, draft_dir: Path | None) -> None:
     """Refuse an output the export must not create or replace; `output` is absolute."""
     if not output.name:
         raise ExportError(f"output {output} has no folder name; give the package folder to create, "
@@ -97,6 +97,8 @@ def check_output(output: Path, force: bool, model_dir: Path, draft_dir: Path) ->
         raise ExportError(f"output {output} is a symbolic link; give the folder itself")
     resolved = output.resolve()
     for role, source in (("model", model_dir), ("draft", draft_dir)):
+        if source is None:
+            continue
         source = source.resolve()
         if source == resolved or resolved in source.parents:
             relation = "is" if source == resolved else "contains"
@@ -265,18 +267,23 @@ def generation_defaults(model_dir: Path) -> dict:
 
 
 def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
-    """The whole export. `verify_fn(package_dir, model, draft)` returns the verification report."""
+    """The whole export. `verify_fn(package_dir, model, draft)` returns the verification report.
+    Without a draft directory the package has `draft: null` and no draft graphs."""
     from tqdm import tqdm
 
     started = time.perf_counter()
-    model_dir, draft_dir = Path(options.model_dir), Path(options.draft_dir)
+    model_dir = Path(options.model_dir)
+    draft_dir = Path(options.draft_dir) if options.draft_dir is not None else None
     output = Path(os.path.abspath(options.output))  # "-o ." and "-o pkg/.." name their folder
     if options.dtype not in TORCH_DTYPES:
         raise ExportError(f"--dtype {options.dtype!r} is not supported; valid: {', '.join(TORCH_DTYPES)}")
     check_output(output, options.force, model_dir, draft_dir)
-    config, draft_config = read_config(model_dir, "model"), read_config(draft_dir, "draft")
-    family, draft_family = family_for(config, draft=False), family_for(draft_config, draft=True)
-    check_vocabularies(model_dir, draft_dir, config, draft_config)
+    config = read_config(model_dir, "model")
+    family = family_for(config, draft=False)
+    if draft_dir is not None:
+        draft_config = read_config(draft_dir, "draft")
+        draft_family = family_for(draft_config, draft=True)
+        check_vocabularies(model_dir, draft_dir, config, draft_config)
 
     removed = remove_stale_exports(output)
     if removed:
@@ -287,31 +294,32 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
         try:
             tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the package should not be
             model = sources.enter_context(closing(load_model(model_dir, options.dtype, family, config)))
-            draft = sources.enter_context(closing(load_model(draft_dir, options.dtype, draft_family, draft_config)))
+            draft = (sources.enter_context(closing(load_model(draft_dir, options.dtype, draft_family, draft_config)))
+                     if draft_dir is not None else None)
             moe_layers = [i for i, layer in enumerate(model.model.model.layers) if family.is_moe_layer(layer)]
             if not moe_layers:
                 raise ExportError(f"{model_dir} has no Mixture-of-Experts layer; spac needs an MoE target model")
             num_experts = family.moe_dims(config)["num_experts"]
-            total = config.num_hidden_layers + draft_config.num_hidden_layers + len(moe_layers) * num_experts
+            models = [("target", family, model)] + ([("draft", draft_family, draft)] if draft is not None else [])
+            total = sum(source.config.num_hidden_layers for _, _, source in models) + len(moe_layers) * num_experts
             with tqdm(total=total, desc="export", unit="part", disable=not options.progress) as bar:
-                sections = {}
-                for name, fam, source in (("target", family, model), ("draft", draft_family, draft)):
+                sections = {"draft": None}
+                for name, fam, source in models:
                     (tmp / name).mkdir()
                     trunk = export_trunk(fam, source, tmp / name, lambda label: bar.update(1))
                     sections[name] = model_section(fam, source.model, trunk, name)
                 sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar)
             tokenizer = tokenizer_section(model_dir, tmp, config)
-            manifest = write_package_manifest(tmp, {"model": model_dir.resolve().name,
-                                                    "draft": draft_dir.resolve().name},
-                                              options.dtype, tokenizer, **sections)
+            source_names = {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name if draft_dir else None}
+            manifest = write_package_manifest(tmp, source_names, options.dtype, tokenizer, **sections)
             verification = {}
             if options.verify and verify_fn:
                 verification = verify_fn(tmp, load_reference(model_dir, options.dtype, family),
-                                         load_reference(draft_dir, options.dtype, draft_family))
+                                         load_reference(draft_dir, options.dtype, draft_family) if draft_dir else None)
             if verification and not verification["passed"]:
+                worst = max(verification["target_max_abs_diff"], verification["draft_max_abs_diff"] or 0.0)
                 raise ExportError(f"the exported graphs do not reproduce the model's logits: max abs difference "
-                                  f"{max(verification['target_max_abs_diff'], verification['draft_max_abs_diff']):.3g} "
-                                  f"> tolerance {verification['tolerance']:g}; nothing was written")
+                                  f"{worst:.3g} > tolerance {verification['tolerance']:g}; nothing was written")
             _replace(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

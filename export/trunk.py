@@ -9,11 +9,14 @@ Graphs and their interfaces (batch is always 1; T new tokens, P cached positions
           (a complex rotary embedding travels as its real and imaginary parts)
   layer:  hidden[1,T,H], rope_cos, rope_sin, past_* -> (dense)  hidden_out[1,T,H], present_*
                                            -> (moe)    residual[1,T,H], moe_input[T,H],
-                                                       topk_ids[T,k] int64, topk_weights[T,k], present_*
+                                                       topk_ids[T,k] int64, topk_weights[T,k],
+                                                       router_logits[T,E], present_*
           where for MoE layers residual already holds the attention residual plus the shared
           experts, so the runtime only adds the weighted routed-expert outputs. moe_input is
           the routed experts' input: the normed hidden state, or for a router that scales the
           input (Llama 4) that state times the top-1 weight, with topk_weights then 1.
+          router_logits are the router's raw scores of every expert: a self-drafting runtime
+          ranks the experts it holds by them to stand in for one it does not.
   post_experts (post-norm families only, one per MoE layer):
           residual[1,T,H], routed[1,T,H] -> hidden_out[1,T,H], the residual plus the layer's norm
           of the weighted routed-expert sum (a norm is not linear, so it cannot be folded into
@@ -141,10 +144,11 @@ class LayerGraph(nn.Module):
         if not self.is_moe:
             return (residual + self.post_feedforward_layernorm(self.mlp(moe_input)), *cache.present)
         flat = moe_input.reshape(-1, moe_input.shape[-1])
-        routed_input, topk_ids, topk_weights = self.family.route(self.router, flat)
+        routed_input, topk_ids, topk_weights, router_logits = self.family.route(self.router, flat)
         if self.shared:  # (an add of zeros would cost a decode step four nodes)
             residual = residual + self.family.shared_output(self.shared, flat).reshape(residual.shape)
-        return residual, routed_input, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype), *cache.present
+        return (residual, routed_input, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype),
+                router_logits.to(hidden.dtype), *cache.present)
 
 
 class PostExpertsGraph(nn.Module):
@@ -237,7 +241,8 @@ def export_layer(layer_graph: LayerGraph, one_token, cos, sin, out_dir, template
     dtype = one_token[0].dtype
     past = tuple(torch.zeros(s[0], s[1], 2, s[3], dtype=dtype) for s in shapes)
     hidden = torch.zeros(1, 3, one_token[0].shape[-1], dtype=dtype)
-    outputs = ["residual", "moe_input", "topk_ids", "topk_weights"] if layer_graph.is_moe else ["hidden_out"]
+    outputs = (["residual", "moe_input", "topk_ids", "topk_weights", "router_logits"] if layer_graph.is_moe
+               else ["hidden_out"])
     dyn = {"hidden": {1: NEW_TOKENS}, "cos": {1: NEW_TOKENS}, "sin": {1: NEW_TOKENS}, "past_first": {2: PAST},
            "past_second": {2: PAST}}
 

@@ -59,6 +59,13 @@ class HostCache:
         with self.lock:
             return {expert for (slot_layer, expert) in self.slots if slot_layer == layer}
 
+    def peek(self, key) -> dict | None:
+        """The expert's weights if cached, else None: no waiting, no stats, no change of order
+        (a draft's look, which must not count as, or reorder for, the target's use)."""
+        with self.lock:
+            slot = self.slots.get(key)
+        return None if slot is None else slot.weights
+
     def get(self, key) -> dict | None:
         """The expert's weights (waiting for the prefetcher if it is reading them right now), or
         None on a miss. A prefetch read that hangs counts as a miss after READ_TIMEOUT_S: the

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .device_slots import DeviceSlots
-from .experts import ExpertKernel, group_by_expert
+from .experts import ExpertKernel, group_by_expert, weighted_sum
 from .host_cache import HostCache, PassPosition
 from .prefetcher import Prefetcher
 from .read_pool import ReadPool, result
@@ -26,6 +26,9 @@ from .stats import ExpertStats, PagingStats
 from .storage import ExpertFiles
 
 READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants several in flight)
+# A draft's lookahead outranks every utility: the verify pass will route to these experts. Once
+# cached they are not given up for another prefetch until the next round's utilities come.
+LOOKAHEAD_UTILITY = float("inf")
 
 
 class PagedExperts:
@@ -56,6 +59,7 @@ class PagedExperts:
         self.device, self.planner = device, planner
         self.prefetcher = (Prefetcher(self.host, self._read, self._admit, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
+        self.looked_ahead: set[tuple[int, int]] = set()  # asked for by this round's draft
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats(paging=PagingStats())
@@ -70,7 +74,8 @@ class PagedExperts:
 
     # --- the critical path -------------------------------------------------------------------
 
-    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
+            router_logits: np.ndarray | None = None) -> np.ndarray:
         if self.prefetcher is not None:
             self.prefetcher.raise_error()
         self.position.layer = layer
@@ -111,6 +116,29 @@ class PagedExperts:
             self._prefetch_to_device(layer, plan.prefetch, weights)
         self.position.computed.add(layer)  # evict-first from now until the next round's utilities
         return out
+
+    def run_resident(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        """A draft's sum from device slots and the host cache only; an expert the prefetcher has
+        evicted since the draft looked adds nothing. Not counted: the target's stats stay its own."""
+
+        def compute(expert: int, rows: np.ndarray):
+            key = (layer, expert)
+            if self.device is not None and key in self.device.slots:
+                return self.device.run(key, rows)
+            weights = self.host.peek(key)
+            return None if weights is None else self.kernel.run(rows, weights)
+
+        return weighted_sum(x, topk_ids, topk_weights, compute)
+
+    def lookahead(self, layer: int, experts: Sequence[int]) -> None:
+        """Queue the experts a draft lacked for the prefetcher, ahead of everything of their
+        layer (the `spac` policy; `lru` and `static` prefetch nothing)."""
+        if self.prefetcher is None:
+            return
+        wanted = [(layer, int(expert)) for expert in experts]
+        wanted = [key for key in wanted if key not in self.looked_ahead and key not in self.host]
+        self.looked_ahead.update(wanted)
+        self.prefetcher.add([(key, LOOKAHEAD_UTILITY) for key in wanted])
 
     def _plan(self, layer: int):
         return self.planner.plan_for(layer, self.counts[layer], self.device.resident(layer),
@@ -181,6 +209,7 @@ class PagedExperts:
         self.position.pass_id += 1
         self.position.layer = -1
         self.position.computed.clear()
+        self.looked_ahead.clear()
         self.routing_totals += self.counts
         if self.estimator is not None:
             self.estimator.update(self.counts)

@@ -36,10 +36,10 @@ STOP = PrefetchRequest((float("-inf"),), 0.0, -1, -1, -1)  # served before any r
 
 
 class Prefetcher:
-    def __init__(self, cache: HostCache, read, admit, position: PassPosition, paging: PagingStats):
-        """`read(layer, expert)` gets weights from storage; `admit(key, weights, prefetched=True)`
-        offers them to the cache and says whether they were kept."""
-        self.cache, self.read, self.admit, self.position, self.paging = cache, read, admit, position, paging
+    def __init__(self, cache: HostCache, read, position: PassPosition, paging: PagingStats):
+        """`read(layer, expert)` gets weights from storage; they are offered to the cache at the
+        request's utility."""
+        self.cache, self.read, self.position, self.paging = cache, read, position, paging
         self.requests: queue.PriorityQueue = queue.PriorityQueue()
         self.error: BaseException | None = None
         self.closed = False
@@ -60,6 +60,11 @@ class Prefetcher:
                     self.paging.prefetch_dropped += 1
             except queue.Empty:
                 break
+        self.add(wanted)
+
+    def add(self, wanted: list[tuple[tuple[int, int], float]]) -> None:
+        """Queue `wanted` ((layer, expert), utility) for the pass about to start, beside what is
+        queued (a draft's lookahead)."""
         for (layer, expert), utility in wanted:
             self.requests.put(PrefetchRequest((layer, -utility), utility, self.position.pass_id, layer, expert))
             self.paging.prefetch_issued += 1
@@ -81,7 +86,7 @@ class Prefetcher:
                 if not self.cache.reserve(key, request.utility):
                     continue
                 try:
-                    if not self.admit(key, self.read(*key), prefetched=True):
+                    if not self.cache.admit(key, self.read(*key), request.utility, prefetched=True):
                         with self.cache.lock:
                             self.paging.prefetch_dropped += 1
                 finally:

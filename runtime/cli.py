@@ -13,10 +13,13 @@ from .arguments import Parser, integer, number, utf8_text
 from .estimator import ESTIMATORS
 from .logs import add_logging_flags, setup_logging
 from .profile import MAX_DRAFT_LEN, ProfileError, parse_budget
+from .speculative import DRAFT_MODES
 
 DESCRIPTION = """\
 Generate text from a package made by spac-export. The draft proposes --draft-len tokens per
 round and the target verifies them in one pass (greedy output equals the original model's).
+The draft is the package's draft model, or with --draft self the target itself running only the
+experts it holds in memory (for packages exported without a draft).
 Text streams to stdout; one stats line goes to stderr (or everything as JSON with --json)."""
 
 EPILOG = """\
@@ -60,6 +63,9 @@ def parse_args(argv):
                         help="stop at this string (repeatable)")
     parser.add_argument("--draft-len", type=integer(0, MAX_DRAFT_LEN), default=None,
                         help="γ, draft tokens per round, 0 = no drafting (default: profile's)")
+    parser.add_argument("--draft", choices=DRAFT_MODES, default=None,
+                        help="what drafts: the package's draft 'model', the target 'self' with the experts it holds, "
+                             "or 'none' (default: model if the package has one, else none)")
     parser.add_argument("--no-speculative", dest="speculative", action="store_false",
                         help="plain decoding with the target only")
     parser.add_argument("--providers", default=None,
@@ -105,9 +111,13 @@ def parse_host_budget(text: str) -> float | int:
 
 def stats_line(stats: dict) -> str:
     calls = ", ".join(f"{ep} {n}" for ep, n in sorted(stats["expert_calls"].items())) or "none"
+    substitution = (f", substitution {stats['draft_substitution_rate']:.0%}" if stats["draft"] == "self" else "")
     return (f"[spac] {stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s decode, "
-            f"prefill {stats['prefill_seconds'] * 1000:.0f} ms | acceptance {stats['acceptance_rate']:.0%}, "
-            f"{stats['mean_accepted_per_round']:.2f} accepted/round (γ={stats['draft_len']}) | "
+            f"prefill {stats['prefill_seconds'] * 1000:.0f} ms | draft {stats['draft']}{substitution}, "
+            f"acceptance {stats['acceptance_rate']:.0%}, "
+            f"{stats['mean_accepted_per_round']:.2f} accepted/round (γ={stats['draft_len']}), "
+            f"draft {stats['draft_seconds_per_round'] * 1000:.1f} ms / verify "
+            f"{stats['verify_seconds_per_round'] * 1000:.1f} ms per round | "
             f"expert calls {calls}, hit rate {stats['expert_hit_rate']:.0%}, "
             f"paged {stats['bytes_paged'] / 1e6:.1f} MB")
 
@@ -125,7 +135,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     try:
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
                           strict=args.strict, policy=args.policy, host_budget=args.host_budget,
-                          estimator=args.estimator,
+                          estimator=args.estimator, draft=args.draft,
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)

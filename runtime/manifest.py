@@ -28,7 +28,7 @@ import yaml
 from spac.ops.expert_graph import DTYPES, expert_tensors
 from spac.ops.storage import PackageFileError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: MoE layer graphs output the router's logits
 MANIFEST = "manifest.yaml"
 PRODUCER = "moe-spac"  # what a manifest written by spac-export names as its producer
 

@@ -275,7 +275,7 @@ def moe_layer_graph(dims: dict, rng):
     g.op("Squeeze", [x, g.const(np.array([0], np.int64))], outputs=["moe_input"])
     router = g.const(rng.standard_normal((dims["hidden"], dims["experts"]), np.float32) * 4 / math.sqrt(dims["hidden"]),
                      "router")
-    probs = g.op("Softmax", [g.op("MatMul", ["moe_input", router])], axis=-1)
+    probs = g.op("Softmax", [g.op("MatMul", ["moe_input", router], outputs=["router_logits"])], axis=-1)
     values, _ = g.op("TopK", [probs, g.const(np.array([dims["top_k"]], np.int64))], outputs=["topk_values", "topk_ids"],
                      axis=-1)
     g.op("Div", [values, g.op("ReduceSum", [values, g.const(np.array([-1], np.int64))], keepdims=1)],
@@ -284,7 +284,8 @@ def moe_layer_graph(dims: dict, rng):
     outputs = [helper.make_tensor_value_info("residual", f, [1, "tokens", dims["hidden"]]),
                helper.make_tensor_value_info("moe_input", f, ["tokens", dims["hidden"]]),
                helper.make_tensor_value_info("topk_ids", TensorProto.INT64, ["tokens", dims["top_k"]]),
-               helper.make_tensor_value_info("topk_weights", f, ["tokens", dims["top_k"]]), *kv_outputs(dims)]
+               helper.make_tensor_value_info("topk_weights", f, ["tokens", dims["top_k"]]),
+               helper.make_tensor_value_info("router_logits", f, ["tokens", dims["experts"]]), *kv_outputs(dims)]
     return g.model(trunk_inputs(dims), outputs)
 
 
