@@ -57,7 +57,7 @@ class PagedExperts:
         if policy == "static":
             self.host.fill_static(self.files.read, frequencies, self.moe_layers, self.num_experts)
         self.device, self.planner = device, planner
-        self.prefetcher = (Prefetcher(self.host, self._read, self._admit, self.position, self.stats.paging)
+        self.prefetcher = (Prefetcher(self.host, self._read, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
         self.looked_ahead: set[tuple[int, int]] = set()  # asked for by this round's draft
 
