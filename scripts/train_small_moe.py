@@ -68,7 +68,7 @@ QUICK = dict(moe_steps=20, draft_steps=20, batch_size=4, seq_len=128, max_files=
 # steps at a higher learning rate, a smaller evaluation. Its own folder keeps it from replacing
 # the full run's models.
 PRESETS = {
-    "demo": dict(out=REPO / "cache" / "trained-demo", seq_len=128, moe_steps=450, draft_steps=150,
+    "demo": dict(out=REPO / "cache" / "trained-demo", seq_len=128, moe_steps=450, draft_steps=450,
                  lr=4e-3, eval_windows=16, spec_snippets=8, spec_tokens=48),
 }
 
