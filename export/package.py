@@ -16,17 +16,19 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import yaml
 
-from spac.ops.expert_graph import DTYPES, build_expert_graph, expert_tensors
+from spac.ops.expert_graph import build_expert_graph, expert_matrices, expert_tensors
+from spac.ops.quantization import BlockQuantization
 from spac.runtime.manifest import EXPERT_FILE_PATTERN, MANIFEST, PRODUCER, current_umask, write_package_manifest
 
 from .families import ExportError, Family, family_for
+from .quantize import DEFAULT_BLOCK_SIZE, expert_arrays, fake_quantize_experts, fake_quantize_trunk, quantization_for
 from .trunk import export_trunk
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -43,6 +45,10 @@ class ExportOptions:
     force: bool = False
     verify: bool = True
     progress: bool = True
+    experts: str = "float"  # or "int8", "int4": the routed experts' weights (spac.export.quantize)
+    trunk: str = "float"  # the same for the target's trunk matmuls
+    block_size: int = DEFAULT_BLOCK_SIZE
+    symmetric: bool = False
 
 
 @dataclass
@@ -187,29 +193,45 @@ def model_section(family: Family, model, trunk: dict, prefix: str) -> dict:
             "embed": f"{prefix}/{trunk['embed']}", "head": f"{prefix}/{trunk['head']}", "layers": trunk["layers"]}
 
 
-def export_experts(family: Family, model, root: Path, dtype: str, moe_layers: list[int], bar) -> dict:
+def export_experts(family: Family, model, root: Path, dtype: str, moe_layers: list[int], bar,
+                   quantization: BlockQuantization | None = None) -> dict:
     """One .onnx + .data pair per routed expert. Each expert's weights are sliced from the loaded
     layer (a view) and written straight out, so no second copy of a layer is ever held."""
     config = model.config
     dims = family.moe_dims(config)
     spec = family.expert_spec(config)
     hidden, intermediate = config.hidden_size, dims["expert_intermediate_size"]
-    tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype)
+    tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype, quantization)
     pattern = EXPERT_FILE_PATTERN
     for layer in moe_layers:
         experts = family.mlp_of(model.model.layers[layer]).experts
         (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
         for expert in range(dims["num_experts"]):
             base = root / pattern.format(layer=layer, expert=expert)
-            weights = family.expert_weights(experts, expert)
+            weights = expert_arrays(family.expert_weights(experts, expert), quantization)
             with open(base.with_suffix(".data"), "wb") as out:
                 for tensor in tensors:
-                    out.write(weights[tensor.name].astype(DTYPES[dtype][0], copy=False).tobytes())
-            graph = build_expert_graph(spec, hidden, intermediate, dtype, data_file=base.name + ".data")
+                    out.write(weights[tensor.name].astype(tensor.dtype, copy=False).tobytes())
+            graph = build_expert_graph(spec, hidden, intermediate, dtype, data_file=base.name + ".data",
+                                       quantization=quantization)
             (base.with_suffix(".onnx")).write_bytes(graph.SerializeToString())
             bar.update(1)
-    return {"spec": spec, "tensors": [asdict(t) | {"shape": list(t.shape)} for t in tensors],
-            "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern}
+    return {"spec": spec, "tensors": [t.manifest_entry() for t in tensors],
+            "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern,
+            "quantization": quantization.as_dict() if quantization else None}
+
+
+def check_expert_blocks(family: Family, config, quantization: BlockQuantization | None) -> None:
+    """Refuse, before anything is loaded, a block size that does not divide an expert weight's
+    input dimension."""
+    if quantization is None:
+        return
+    matrices = expert_matrices(config.hidden_size, family.moe_dims(config)["expert_intermediate_size"])
+    for name, (k, n) in matrices.items():
+        refusal = quantization.refusal(k)
+        if refusal:
+            raise ExportError(f"--experts {quantization.name} --block-size {quantization.block_size}: the experts' "
+                              f"{name} [{k}, {n}] cannot be quantized: {refusal} (valid block sizes divide {k})")
 
 
 def tokenizer_section(model_dir: Path, root: Path, model) -> dict:
@@ -252,10 +274,13 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
     output = Path(os.path.abspath(options.output))  # "-o ." and "-o pkg/.." name their folder
     if options.dtype not in TORCH_DTYPES:
         raise ExportError(f"--dtype {options.dtype!r} is not supported; valid: {', '.join(TORCH_DTYPES)}")
+    expert_quantization = quantization_for(options.experts, options.block_size, options.symmetric, "--experts")
+    trunk_quantization = quantization_for(options.trunk, options.block_size, options.symmetric, "--trunk")
     check_output(output, options.force, model_dir, draft_dir)
     config, draft_config = read_config(model_dir, "model"), read_config(draft_dir, "draft")
     family, draft_family = family_for(config, draft=False), family_for(draft_config, draft=True)
     check_vocabularies(model_dir, draft_dir, config, draft_config)
+    check_expert_blocks(family, config, expert_quantization)
 
     removed = remove_stale_exports(output)
     if removed:
@@ -268,23 +293,31 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
         moe_layers = [i for i, layer in enumerate(model.model.layers) if family.is_moe_layer(layer)]
         if not moe_layers:
             raise ExportError(f"{model_dir} has no Mixture-of-Experts layer; spac needs an MoE target model")
+        if expert_quantization:  # the model now computes what the package will (see quantize.py)
+            fake_quantize_experts(family, model, moe_layers, expert_quantization)
+        if trunk_quantization:
+            fake_quantize_trunk(family, model, trunk_quantization)
         num_experts = family.moe_dims(config)["num_experts"]
         total = config.num_hidden_layers + draft_config.num_hidden_layers + len(moe_layers) * num_experts
         with tqdm(total=total, desc="export", unit="part", disable=not options.progress) as bar:
             sections = {}
-            for name, fam, mdl in (("target", family, model), ("draft", draft_family, draft)):
+            for name, fam, mdl, quantization in (("target", family, model, trunk_quantization),
+                                                 ("draft", draft_family, draft, None)):
                 (tmp / name).mkdir()
-                trunk = export_trunk(fam, mdl, tmp / name, lambda label: bar.update(1))
+                trunk = export_trunk(fam, mdl, tmp / name, lambda label: bar.update(1), quantization)
                 sections[name] = model_section(fam, mdl, trunk, name)
-            sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar)
+            sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar,
+                                                           expert_quantization)
+            sections["target"]["trunk_quantization"] = trunk_quantization.as_dict() if trunk_quantization else None
         tokenizer = tokenizer_section(model_dir, tmp, model)
         manifest = write_package_manifest(tmp, {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name},
                                           options.dtype, tokenizer, **sections)
         verification = verify_fn(tmp, model, draft) if (options.verify and verify_fn) else {}
         if verification and not verification["passed"]:
             raise ExportError(f"the exported graphs do not reproduce the model's logits: max abs difference "
-                              f"{max(verification['target_max_abs_diff'], verification['draft_max_abs_diff']):.3g} "
-                              f"> tolerance {verification['tolerance']:g}; nothing was written")
+                              f"target {verification['target_max_abs_diff']:.3g} (tolerance "
+                              f"{verification['target_tolerance']:.2g}), draft {verification['draft_max_abs_diff']:.3g} "
+                              f"(tolerance {verification['tolerance']:g}); nothing was written")
         _replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -32,6 +32,7 @@ from spac.ops.expert_graph import OPSET
 from .attention import RealComplex, real_rotary
 from .families import Family
 from .fusion import fuse_rms_norms, fuse_sibling_matmuls
+from .quantize import quantize_graph_matmuls
 
 # Opset 20 runs on ONNX Runtime >= 1.20 (JetPack 6). Opset 23's fused Attention and
 # RMSNormalization nodes decoded no faster here (A/B in bench_runtime: 0.99-1.00x), and their
@@ -155,9 +156,11 @@ def kv_shapes(layer_graph: LayerGraph, embed: EmbedGraph) -> list[list[int]]:
     return [[1, t.shape[1], 0, t.shape[3]] for t in recorder.present]
 
 
-def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path) -> None:
+def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path,
+                 quantization=None) -> None:
     """torch.onnx dynamo export of one wrapper module to `path`, its RMS norms and sibling
-    projections fused (see fusion.py); weights inside, or beside it past protobuf's 2 GB cap."""
+    projections fused (see fusion.py), with `quantization` its fake-quantized weights stored as
+    MatMulNBits (see quantize.py); weights inside, or beside it past protobuf's 2 GB cap."""
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -167,14 +170,17 @@ def export_graph(module: nn.Module, args: tuple, input_names, output_names, dyna
     fuse_rms_norms(program.model)
     model = program.model_proto
     fuse_sibling_matmuls(model)
+    if quantization is not None:
+        quantize_graph_matmuls(model, quantization)
     # Protobuf caps a file at 2 GB: a bigger graph keeps its weights in a file beside it, as
     # torch.onnx's own save does (the manifest lists every file of the package).
     large = sum(len(tensor.raw_data) for tensor in model.graph.initializer) > INLINE_WEIGHTS_LIMIT
     onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
 
 
-def export_trunk(family: Family, model, out_dir, progress) -> dict:
-    """Export embed, every layer and head of `model` into out_dir; returns the manifest section."""
+def export_trunk(family: Family, model, out_dir, progress, quantization=None) -> dict:
+    """Export embed, every layer and head of `model` into out_dir; returns the manifest section.
+    `quantization`: the BlockQuantization of the weights spac.export.quantize fake-quantized."""
     # Distinct example tensors: the exporter aliases inputs given as the same tensor object.
     example_ids, example_positions = torch.tensor([[7, 3, 5]]), torch.arange(3)[None]
     embed = EmbedGraph(family, model)
@@ -184,14 +190,14 @@ def export_trunk(family: Family, model, out_dir, progress) -> dict:
     _, cos, sin = embed(example_ids, example_positions)
     rotary = nullcontext() if not embed.complex_rotary else real_rotary(model.model.layers[0].self_attn)
     with rotary:
-        layers = [export_layer(LayerGraph(family, model, index), embed, cos, sin, out_dir, progress)
+        layers = [export_layer(LayerGraph(family, model, index), embed, cos, sin, out_dir, progress, quantization)
                   for index in range(model.config.num_hidden_layers)]
     export_graph(HeadGraph(model), (torch.zeros(1, 3, model.config.hidden_size, dtype=model.dtype),), ["hidden"],
-                 ["logits"], {"hidden": {1: NEW_TOKENS}}, out_dir / "head.onnx")
+                 ["logits"], {"hidden": {1: NEW_TOKENS}}, out_dir / "head.onnx", quantization)
     return {"embed": "embed.onnx", "head": "head.onnx", "layers": layers}
 
 
-def export_layer(layer_graph: LayerGraph, embed: EmbedGraph, cos, sin, out_dir, progress) -> dict:
+def export_layer(layer_graph: LayerGraph, embed: EmbedGraph, cos, sin, out_dir, progress, quantization=None) -> dict:
     """Export one layer graph; returns its manifest entry."""
     shapes = kv_shapes(layer_graph, embed)
     dtype = embed.embed_tokens.weight.dtype
@@ -202,7 +208,7 @@ def export_layer(layer_graph: LayerGraph, embed: EmbedGraph, cos, sin, out_dir, 
            "past_second": {2: PAST}}
     file = f"layer_{layer_graph.index:03d}.onnx"
     export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first", "past_second"],
-                 [*outputs, "present_first", "present_second"], dyn, out_dir / file)
+                 [*outputs, "present_first", "present_second"], dyn, out_dir / file, quantization)
     progress(f"layer {layer_graph.index}")
     return {"index": layer_graph.index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
             "sliding_window": layer_graph.window, "kv_shapes": shapes}

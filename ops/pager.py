@@ -44,17 +44,18 @@ class PagedExperts:
         self.expert_bytes = manifest.target.experts.bytes_per_expert
         self.capacity = max(0, budget_bytes // self.expert_bytes)  # slots
         self.files = ExpertFiles(manifest, verify)
-        self.kernel = ExpertKernel(manifest, sessions)
+        self.kernel = ExpertKernel(manifest, sessions, prepared=device is None)
         self.stats = ExpertStats(paging=PagingStats())
         self.position = PassPosition()
         self.host = HostCache(policy, self.capacity, self.position, self.stats.paging)
         self.counts = np.zeros((max(self.moe_layers) + 1, self.num_experts), dtype=np.int64)
         self.routing_totals = np.zeros_like(self.counts)
         if policy == "static":
-            self.host.fill_static(self.files.read, frequencies, self.moe_layers, self.num_experts)
+            self.host.fill_static(lambda layer, expert: self.kernel.prepare(self.files.read(layer, expert)),
+                                  frequencies, self.moe_layers, self.num_experts)
         self.device, self.planner = device, planner
         self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="spac-read")
-        self.prefetcher = (Prefetcher(self.host, self._read, self._admit, self.position, self.stats.paging)
+        self.prefetcher = (Prefetcher(self.host, self._fetch, self._admit, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
 
     def reset_stats(self) -> None:
@@ -88,7 +89,7 @@ class PagedExperts:
             weights[expert] = self.host.get((layer, expert))
             if weights[expert] is None:
                 paging.host_misses += 1
-                reads[expert] = self.readers.submit(self._read, layer, expert)
+                reads[expert] = self.readers.submit(self._fetch, layer, expert)
         outputs = {}
         for expert, (rows, _) in groups.items():
             if expert in gpu:
@@ -147,10 +148,14 @@ class PagedExperts:
         if weights is None:
             self.stats.paging.host_misses += 1
             started = time.perf_counter()
-            weights = self._read(layer, expert)
+            weights = self._fetch(layer, expert)
             self.stats.paging.stall_seconds += time.perf_counter() - started
             self._admit(key, weights)
         return weights
+
+    def _fetch(self, layer: int, expert: int):
+        """The expert read from storage and made ready for the kernel (see ExpertKernel.prepare)."""
+        return self.kernel.prepare(self._read(layer, expert))
 
     def _read(self, layer: int, expert: int) -> dict:
         weights = self.files.read(layer, expert)

@@ -17,9 +17,8 @@ class ExpertFiles:
     def __init__(self, manifest, verify=None):
         self.root = manifest.root
         self.experts = manifest.target.experts
-        self.tensors = [ExpertTensor(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"])
+        self.tensors = [ExpertTensor(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"], t["dtype"])
                         for t in self.experts.tensors]
-        self.dtype = manifest.dtype
         self.verify = verify  # verify(name, data): checks a file's sha256 the first time it is read
         self.verified: set[str] = set()
 
@@ -35,4 +34,4 @@ class ExpertFiles:
         if self.verify and name not in self.verified:
             self.verify(name, data)
             self.verified.add(name)
-        return weights_from_buffer(data, self.tensors, self.dtype)
+        return weights_from_buffer(data, self.tensors)

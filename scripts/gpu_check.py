@@ -411,8 +411,7 @@ def build_package(root: Path, shape: str, layers: int, seed: int = 0) -> Path:
                     if entry.key == "location":
                         entry.value = base.name + ".data"
             base.with_suffix(".onnx").write_bytes(stub.SerializeToString())
-    tgt["experts"] = {"spec": spec, "tensors": [{"name": t.name, "shape": list(t.shape), "offset": t.offset,
-                                                 "nbytes": t.nbytes} for t in tensors],
+    tgt["experts"] = {"spec": spec, "tensors": [t.manifest_entry() for t in tensors],
                       "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern}
     files = {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(root.rglob("*")) if p.is_file()}
