@@ -3,10 +3,13 @@
 onnxruntime.quantization.matmul_nbits_quantizer, computes the codes).
 
 The exporter quantizes in two steps so that its own check stays a check of the export: first
-every weight that the package will store quantized is replaced, in the loaded torch model, by
-its dequantized value (fake quantization: the model now computes what the package will); then
-the graphs are written from that model, and each such weight, whose values now lie on its
-blocks' grid, is stored as its MatMulNBits tensors. Requantizing a dequantized block gives its
+every trunk weight that the package will store quantized is replaced, in the part of the model
+just filled from the checkpoint, by its dequantized value (fake quantization: the part now
+computes what the package will); then the part's graph is written (stamped, see stamping.py)
+from it, and each such weight, whose values now lie on its blocks' grid, is stored as its
+MatMulNBits tensors. Routed experts, read one at a time, are quantized as they are written
+(expert_arrays). The reference the export is checked against, the whole transformers model,
+is fake-quantized the same way. Requantizing a dequantized block gives its
 codes back (the scales within a float ulp), so comparing the package with the fake-quantized
 model still finds any export mistake. What quantization itself costs is measured against the
 float32 export (README, accuracy table).
@@ -98,27 +101,37 @@ def fake_quantize_experts(family: Family, model, moe_layers: list[int], quantiza
             fake_quantize_(getattr(experts, param), axis, quantization, f"layer {layer} experts.{param}")
 
 
+def layer_linears(family: Family, layer: nn.Module, index: int) -> dict[str, nn.Linear]:
+    """A decoder layer's linears that --trunk quantizes: attention, shared experts and dense
+    MLPs; not the router, not routed experts."""
+    mlp = family.mlp_of(layer)
+    skipped = [mlp.experts, family.router_of(mlp)] if family.is_moe_layer(layer) else []
+    inside = {id(module) for part in skipped for module in part.modules()}
+    return {f"model.layers.{index}.{name}": module for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear) and id(module) not in inside}
+
+
+def head_linears(model) -> dict[str, nn.Linear]:
+    """The LM head, unless its weight is the embedding's (which stays float)."""
+    return {} if model.lm_head.weight is model.model.embed_tokens.weight else {"lm_head": model.lm_head}
+
+
 def trunk_linears(family: Family, model) -> dict[str, nn.Linear]:
-    """The trunk's linear layers that --trunk quantizes: attention, shared experts, dense MLPs
-    and the LM head (unless its weight is the embedding's); not routers, not routed experts."""
+    """Every linear of the trunk that --trunk quantizes, by name."""
     linears = {}
     for index, layer in enumerate(model.model.layers):
-        mlp = family.mlp_of(layer)
-        skipped = [mlp.experts, family.router_of(mlp)] if family.is_moe_layer(layer) else []
-        inside = {id(module) for part in skipped for module in part.modules()}
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear) and id(module) not in inside:
-                linears[f"model.layers.{index}.{name}"] = module
-    if model.lm_head.weight is not model.model.embed_tokens.weight:
-        linears["lm_head"] = model.lm_head
-    return linears
+        linears.update(layer_linears(family, layer, index))
+    return linears | head_linears(model)
 
 
-def fake_quantize_trunk(family: Family, model, quantization: BlockQuantization) -> int:
-    linears = trunk_linears(family, model)
+def fake_quantize_linears(linears: dict[str, nn.Linear], quantization: BlockQuantization) -> None:
     for name, linear in linears.items():
         fake_quantize_(linear.weight, -1, quantization, f"{name}.weight")  # F.linear: x @ W.T
-    return len(linears)
+
+
+def fake_quantize_trunk(family: Family, model, quantization: BlockQuantization) -> None:
+    """The whole loaded model's trunk (the export does it part by part, see trunk.py)."""
+    fake_quantize_linears(trunk_linears(family, model), quantization)
 
 
 def _on_grid(weight: np.ndarray, parts: dict, quantization: BlockQuantization) -> bool:

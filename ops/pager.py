@@ -13,19 +13,22 @@ round's prefetches queued and the balancer's next plan requested, all while the 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 
 from .device_slots import DeviceSlots
-from .experts import ExpertKernel, group_by_expert
+from .experts import ExpertKernel, group_by_expert, weighted_sum
 from .host_cache import HostCache, PassPosition
 from .prefetcher import Prefetcher
+from .read_pool import ReadPool, result
 from .stats import ExpertStats, PagingStats
 from .storage import ExpertFiles
 
 READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants several in flight)
+# A draft's lookahead outranks every utility: the verify pass will route to these experts. Once
+# cached they are not given up for another prefetch until the next round's utilities come.
+LOOKAHEAD_UTILITY = float("inf")
 
 
 class PagedExperts:
@@ -50,13 +53,14 @@ class PagedExperts:
         self.host = HostCache(policy, self.capacity, self.position, self.stats.paging)
         self.counts = np.zeros((max(self.moe_layers) + 1, self.num_experts), dtype=np.int64)
         self.routing_totals = np.zeros_like(self.counts)
+        self.readers = ReadPool(READ_THREADS, "spac-read")
         if policy == "static":
             self.host.fill_static(lambda layer, expert: self.kernel.prepare(self.files.read(layer, expert)),
                                   frequencies, self.moe_layers, self.num_experts)
         self.device, self.planner = device, planner
-        self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="spac-read")
-        self.prefetcher = (Prefetcher(self.host, self._fetch, self._admit, self.position, self.stats.paging)
+        self.prefetcher = (Prefetcher(self.host, self._fetch, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
+        self.looked_ahead: set[tuple[int, int]] = set()  # asked for by this round's draft
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats(paging=PagingStats())
@@ -71,7 +75,8 @@ class PagedExperts:
 
     # --- the critical path -------------------------------------------------------------------
 
-    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
+            router_logits: np.ndarray | None = None) -> np.ndarray:
         if self.prefetcher is not None:
             self.prefetcher.raise_error()
         self.position.layer = layer
@@ -98,7 +103,7 @@ class PagedExperts:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
         for expert, read in reads.items():
             started = time.perf_counter()
-            weights[expert] = read.result()
+            weights[expert] = result(read, self.files.path(layer, expert))
             paging.stall_seconds += time.perf_counter() - started
             self._admit((layer, expert), weights[expert])
             outputs[expert] = (self.kernel.run(x[groups[expert][0]], weights[expert]), "cpu")
@@ -112,6 +117,29 @@ class PagedExperts:
             self._prefetch_to_device(layer, plan.prefetch, weights)
         self.position.computed.add(layer)  # evict-first from now until the next round's utilities
         return out
+
+    def run_resident(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        """A draft's sum from device slots and the host cache only; an expert the prefetcher has
+        evicted since the draft looked adds nothing. Not counted: the target's stats stay its own."""
+
+        def compute(expert: int, rows: np.ndarray):
+            key = (layer, expert)
+            if self.device is not None and key in self.device.slots:
+                return self.device.run(key, rows)
+            weights = self.host.peek(key)
+            return None if weights is None else self.kernel.run(rows, weights)
+
+        return weighted_sum(x, topk_ids, topk_weights, compute)
+
+    def lookahead(self, layer: int, experts: Sequence[int]) -> None:
+        """Queue the experts a draft lacked for the prefetcher, ahead of everything of their
+        layer (the `spac` policy; `lru` and `static` prefetch nothing)."""
+        if self.prefetcher is None:
+            return
+        wanted = [(layer, int(expert)) for expert in experts]
+        wanted = [key for key in wanted if key not in self.looked_ahead and key not in self.host]
+        self.looked_ahead.update(wanted)
+        self.prefetcher.add([(key, LOOKAHEAD_UTILITY) for key in wanted])
 
     def _plan(self, layer: int):
         return self.planner.plan_for(layer, self.counts[layer], self.device.resident(layer),
@@ -148,10 +176,14 @@ class PagedExperts:
         if weights is None:
             self.stats.paging.host_misses += 1
             started = time.perf_counter()
-            weights = self._fetch(layer, expert)
+            weights = self._read_now(layer, expert)
             self.stats.paging.stall_seconds += time.perf_counter() - started
             self._admit(key, weights)
         return weights
+
+    def _read_now(self, layer: int, expert: int):
+        """Fetch on a reader thread and wait for it: the caller's wait has a timeout, a read has none."""
+        return result(self.readers.submit(self._fetch, layer, expert), self.files.path(layer, expert))
 
     def _fetch(self, layer: int, expert: int):
         """The expert read from storage and made ready for the kernel (see ExpertKernel.prepare)."""
@@ -182,6 +214,7 @@ class PagedExperts:
         self.position.pass_id += 1
         self.position.layer = -1
         self.position.computed.clear()
+        self.looked_ahead.clear()
         self.routing_totals += self.counts
         if self.estimator is not None:
             self.estimator.update(self.counts)
@@ -214,6 +247,6 @@ class PagedExperts:
 
     def close(self) -> None:
         self.stop_prefetching()
-        self.readers.shutdown(wait=True)
+        self.readers.close()
         if self.planner is not None:
             self.planner.close()

@@ -1,6 +1,8 @@
 """The device side of moe-spac: runs a spac package with ONNX Runtime (no torch, no transformers)."""
 
-from .manifest import ManifestError
-from .runtime import GenerationError, GenerationResult, Runtime
+from spac.ops.storage import ExpertFileError, PackageFileError
 
-__all__ = ["Runtime", "GenerationResult", "GenerationError", "ManifestError"]
+from .manifest import ManifestError
+from .runtime import Generation, GenerationError, GenerationResult, Runtime
+
+__all__ = ["Runtime", "Generation", "GenerationResult", "GenerationError", "PackageFileError", "ManifestError", "ExpertFileError"]

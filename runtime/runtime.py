@@ -7,11 +7,16 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 from spac.ops.providers import PROVIDERS
+from spac.ops.self_draft import SelfDraftExperts
+from spac.ops.stats import DraftExpertStats
 from spac.ops.sessions import SessionFactory, cuda_available
 
 from .chat import chat_prompt
@@ -19,7 +24,7 @@ from .expert_stack import ExpertOptions, build_experts
 from .manifest import load_manifest
 from .model import ModelRunner
 from .profile import load_profile
-from .speculative import Decoder, Sampler
+from .speculative import DRAFT_MODES, Decoder, Sampler
 from .stats import GenerationStats
 from .tokenizer import TextTokenizer
 
@@ -36,6 +41,38 @@ class GenerationResult:
     token_ids: list[int]
     stats: GenerationStats | None = None  # None until the generation has ended
     interrupted: bool = False
+
+
+class Generation:
+    """What Runtime.stream() returns: an iterator of text pieces and, in `result`, this
+    generation's own result, filled in as the pieces come (its stats once it has ended)."""
+
+    def __init__(self, result: GenerationResult, pieces: Iterator[str]):
+        self.result, self._pieces = result, pieces
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Ends the generation early; its stats are filled in."""
+        self._pieces.close()
+
+
+def choose_draft(manifest, draft: str | None) -> str:
+    """The draft mode: `draft` checked against the package, or by default its draft model if it
+    has one, else none. (Self-drafting is not the default: on the CPU it decoded slower than the
+    target alone at every host budget measured, see the README's results.)"""
+    if draft is None:
+        return "model" if manifest.draft is not None else "none"
+    if draft not in DRAFT_MODES:
+        raise ValueError(f"unknown draft mode {draft!r}; valid: {', '.join(DRAFT_MODES)}")
+    if draft == "model" and manifest.draft is None:
+        raise ValueError(f"the package {manifest.root} has no draft model (exported without --draft); "
+                         "valid here: self, none")
+    return draft
 
 
 def choose_provider(profile, providers: list[str] | None, strict: bool) -> str:
@@ -57,14 +94,19 @@ class Runtime:
     def __init__(self, package, profile: str = "cpu-only", draft_len: int | None = None,
                  providers: list[str] | None = None, strict: bool = False, threads: int | None = None,
                  policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
-                 static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None):
+                 static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None,
+                 draft: str | None = None, min_draft_confidence: float = 0.0):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
         override the profile's; `static_frequencies[layer, expert]` (routing counts from an
         earlier run) choose the `static` policy's resident set. `global_thread_pool` shares one
         ORT thread pool across all sessions: faster, but every other ORT session in the process
         must then be made with use_per_session_threads=False (see spac.ops.sessions).
         `device_tier="cpu"` runs the device tier (slots, balancer plans) on the CPU EP, to
-        exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions)."""
+        exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions). `draft` is what
+        drafts (DRAFT_MODES): "model", the package's draft model (the default when it has one);
+        "self", the target with only the experts it holds (spac.ops.self_draft); "none".
+        `min_draft_confidence` ends a round's drafting after a token the draft was less sure of
+        (spac.runtime.speculative.Decoder)."""
         self.manifest = load_manifest(package)
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
@@ -72,20 +114,36 @@ class Runtime:
         self.draft_len = self.profile.draft_len if draft_len is None else draft_len
         if self.draft_len < 0:
             raise ValueError(f"draft_len must be >= 0, got {self.draft_len}")
-        if self.manifest.draft is None:
+        self.draft_mode = choose_draft(self.manifest, draft)
+        if not 0.0 <= min_draft_confidence <= 1.0:
+            raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
+        self.min_draft_confidence = min_draft_confidence
+        if self.draft_mode == "none":
             self.draft_len = 0
         self.provider = choose_provider(self.profile, providers, strict)
         self.sessions = SessionFactory(threads or self.profile.threads, global_pool=global_thread_pool,
                                        provider_options=self.profile.provider_options())
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier)
         self.experts = build_experts(self.manifest, self.profile, self.sessions, options)
+        # A Runtime dropped without close() stops its reader and prefetch threads all the same.
+        self._finalizer = weakref.finalize(self, self.experts.close)
         # The trunk and the draft run where the profile puts them: on the GPU when there is one.
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts,
                                   provider=self.provider)
-        self.draft = (ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
-                      if self.manifest.draft else None)
+        self.draft = self._draft_runner()
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.last_result: GenerationResult | None = None
+        # One generation at a time: the KV caches, the expert cache and the stats are the
+        # Runtime's, so two interleaved generations would corrupt each other's tokens.
+        self._lock = threading.Lock()
+        self._generating_thread: int | None = None
+
+    def _draft_runner(self) -> ModelRunner | None:
+        if self.draft_mode == "model":
+            return ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
+        if self.draft_mode == "self":
+            return self.target.twin(SelfDraftExperts(self.experts, self.manifest.target.dims["num_experts"]))
+        return None
 
     def __enter__(self) -> "Runtime":
         return self
@@ -95,36 +153,63 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the prefetch worker and release the sessions and expert weights."""
-        if self.experts is not None:
-            self.experts.close()
+        self._finalizer()  # closes the experts, once
         self.experts = self.target = self.draft = None
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, speculative: bool = True,
                  **options) -> GenerationResult:
-        """Takes stream()'s arguments and returns the whole result."""
-        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, **options):
+        """Takes stream()'s arguments and returns the whole result. Safe to call from several
+        threads: calls on one Runtime run one after the other, each with its own result."""
+        generation = self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, **options)
+        for _ in generation:
             pass
-        return self.last_result
+        return generation.result
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                seed: int | None = None, stop: list[str] | None = None, speculative: bool = True, *,
-               reuse_cache: bool = False, cancel=None, **sampling) -> Iterator[str]:
-        """Yields text pieces as tokens are accepted; the full result is then `last_result`.
-        On KeyboardInterrupt the partial result is kept in `last_result` and the runtime stays usable.
+               reuse_cache: bool = False, cancel=None, **sampling) -> Generation:
+        """Yields text pieces as tokens are accepted; the returned Generation's `result` holds
+        the whole result (`last_result` too, but another thread's generation may replace that).
+        On KeyboardInterrupt the partial result is kept and the runtime stays usable.
         A bad request raises here, not at the first piece.
 
         Sampling options left None (temperature, top_p and `sampling`'s top_k, min_p,
         repetition_penalty, frequency_penalty, presence_penalty) take the model's
         generation_config defaults, else greedy. `reuse_cache` keeps the KV cache's common prefix
         with the previous sequence (a chat's earlier turns); `cancel()` returning True ends the
-        generation after the current round."""
-        if self.target is None:
-            raise RuntimeError("this Runtime is closed")
+        generation after the current round. Generations on one Runtime run one at a time (a
+        stream holds the Runtime from its first piece until it ends or is closed)."""
+        return self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative,
+                                reuse_cache=reuse_cache, cancel=cancel, **sampling)
+
+    def _generation(self, prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, *,
+                    reuse_cache: bool = False, cancel=None, **sampling) -> Generation:
+        self._check_open()
         prompt_ids = self._check_request(prompt, max_new_tokens)
         sampler = Sampler.from_options(self.generation_defaults, seed, temperature=temperature, top_p=top_p,
                                        **sampling)
-        return self._pieces(prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache, cancel)
+        result = GenerationResult("", [])
+        return Generation(result, self._pieces(result, prompt_ids, max_new_tokens, sampler, stop, speculative,
+                                               reuse_cache, cancel))
+
+    def _check_open(self) -> None:
+        if self.target is None:
+            raise RuntimeError("this Runtime is closed")
+
+    @contextmanager
+    def _exclusive(self):
+        """Hold the Runtime for one generation; waits for another thread's to end."""
+        if self._generating_thread == threading.get_ident():  # waiting would never end
+            raise RuntimeError("this thread is already generating with this Runtime: finish or close() "
+                               "that stream before starting another")
+        with self._lock:
+            self._generating_thread = threading.get_ident()
+            try:
+                self._check_open()  # closed while this call waited
+                yield
+            finally:
+                self._generating_thread = None
 
     def chat(self, messages: list[dict], system: str | None = None, add_generation_prompt: bool = True,
              template_kwargs: dict | None = None, **options) -> GenerationResult:
@@ -139,14 +224,23 @@ class Runtime:
         """The model's generation_config.json sampling values, as the exporter carried them."""
         return self.manifest.tokenizer.get("generation") or {}
 
-    def _pieces(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop, speculative: bool,
-                reuse_cache: bool = False, cancel=None):
+    def _pieces(self, result: GenerationResult, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop,
+                speculative: bool, reuse_cache: bool = False, cancel=None):
+        with self._exclusive():
+            self.last_result = result
+            yield from self._generate(result, prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache,
+                                      cancel)
+
+    def _generate(self, result: GenerationResult, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+                  stop, speculative: bool, reuse_cache: bool, cancel):
         limit = min(max_new_tokens, self.context - len(prompt_ids))
-        decoder = Decoder(self.target, self.draft if speculative else None, sampler, self.experts)
+        decoder = Decoder(self.target, self.draft if speculative else None, sampler, self.experts,
+                          self.min_draft_confidence)
         draft_len = self.draft_len if speculative else 0
         text = _TextAssembler(self.tokenizer, stop or [])
-        result = self.last_result = GenerationResult("", [])
         self.experts.reset_stats()  # stats are per generation; cached experts stay
+        if self.draft_mode == "self":
+            self.draft.experts.reset_stats()
         started = time.perf_counter()
         prefill_seconds = None
         generated: list[int] = []
@@ -200,7 +294,8 @@ class Runtime:
             prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill_seconds=prefill,
             decode_seconds=total - prefill, decoded_tokens=max(0, new_tokens - 1), decode=decoder.stats,
             draft_len=self.draft_len if decoder.draft else 0, experts=self.experts.stats,
-            policy=self.experts.policy, provider=self.provider)
+            policy=self.experts.policy, provider=self.provider, draft=self.draft_mode if decoder.draft else "none",
+            draft_experts=self.draft.experts.stats if self.draft_mode == "self" else DraftExpertStats())
 
 
 class _TextAssembler:

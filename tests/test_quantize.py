@@ -94,6 +94,26 @@ def test_paged_quantized_experts_compute_what_resident_ones_do(exported):
             assert runtime.experts.policy == policy
             assert result.token_ids == expected, policy
             assert result.stats.experts.paging.storage_reads > 0
+    # Self-speculative drafting runs the prepared sessions the host cache holds (schema 3's
+    # router_logits pick the substitutes); still the resident stack's tokens.
+    for host_budget, policy in ((None, None), (0.25, "spac")):
+        with Runtime(package, draft="self", draft_len=4, host_budget=host_budget, policy=policy) as runtime:
+            result = runtime.generate(prompt, max_new_tokens=24)
+            assert result.token_ids == expected, policy
+            assert result.stats.draft == "self" and result.stats.decode.rounds > 0
+
+
+def test_a_quantized_package_without_a_draft_is_checked_and_decodes(model_pair, tmp_path, capsys):
+    model, _ = model_pair("qwen3_moe")
+    package = tmp_path / "pkg"
+    assert cli.main([str(model), "-o", str(package), "--quiet", "--experts", "int8", "--trunk", "int8"]) == 0
+    summary = capsys.readouterr().out
+    assert "passed: max abs logit diff target" in summary and ", draft " not in summary, summary
+    assert "experts int8 (asymmetric, blocks of 32), trunk int8" in summary, summary
+    manifest = load_manifest(package)
+    assert manifest.draft is None and manifest.target.experts.quantization.bits == 8
+    with Runtime(package, draft="self", draft_len=4) as runtime:
+        assert len(runtime.generate(list(range(3, 19)), max_new_tokens=8).token_ids) == 8
 
 
 # --- bad input --------------------------------------------------------------------------------
