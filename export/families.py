@@ -100,11 +100,13 @@ def _oss_spec(config) -> dict:
     return {"variant": "swiglu_oss", "limit": float(config.swiglu_limit), "alpha": float(config.swiglu_alpha)}
 
 
-# layout -> (one expert's tensors in expert_graph's layout, the expert graph's spec)
+# layout -> (one expert's tensors in expert_graph's layout, the expert graph's spec, the axis of
+# each weight parameter that its product sums over: F.linear's last, x @ w's second to last)
+LINEAR_AXES, MATMUL_AXES = {"gate_up_proj": -1, "down_proj": -1}, {"gate_up_proj": -2, "down_proj": -2}
 EXPERT_LAYOUTS = {
-    "gate_up": (_silu_weights, _silu_spec),
-    "gate_up_in_out": (_in_out_weights, _silu_spec),
-    "gate_up_interleaved_biased": (_oss_weights, _oss_spec),
+    "gate_up": (_silu_weights, _silu_spec, LINEAR_AXES),
+    "gate_up_in_out": (_in_out_weights, _silu_spec, MATMUL_AXES),
+    "gate_up_interleaved_biased": (_oss_weights, _oss_spec, MATMUL_AXES),
 }
 
 
@@ -188,6 +190,11 @@ class Family:
         """One expert's tensors in the layout of spac.ops.expert_graph: x @ w_gate_up -> [gate | up],
         then act(gate) * up @ w_down."""
         return EXPERT_LAYOUTS[self.experts][0](experts, expert)
+
+    @property
+    def expert_input_axes(self) -> dict[str, int]:
+        """Each routed-expert weight parameter's input axis, along which blocks are quantized."""
+        return EXPERT_LAYOUTS[self.experts][2]
 
     def expert_spec(self, config) -> dict:
         """The expert graph's variant and constants, as recorded in the manifest."""

@@ -76,11 +76,15 @@ def fuse_sibling_matmuls(model: onnx.ModelProto) -> int:
             _fuse(graph, source, nodes, [numpy_helper.to_array(weights[node.input[1]]) for node in nodes])
             fused += 1
     if fused:
-        used = {name for node in graph.node for name in node.input}
-        kept = [tensor for tensor in graph.initializer if tensor.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        drop_unused_initializers(graph)
     return fused
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _fuse(graph: onnx.GraphProto, source: str, nodes: list, arrays: list[np.ndarray]) -> None:

@@ -17,18 +17,20 @@ import shutil
 import tempfile
 import time
 from contextlib import ExitStack, closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import yaml
 
-from spac.ops.expert_graph import DTYPES, build_expert_graph, expert_tensors
+from spac.ops.expert_graph import build_expert_graph, expert_matrices, expert_tensors
+from spac.ops.quantization import BlockQuantization
 from spac.runtime.manifest import EXPERT_FILE_PATTERN, MANIFEST, PRODUCER, current_umask, write_package_manifest
 
 from .checkpoint import StreamedModel, refuse_quantized
 from .families import ExportError, Family, family_for
+from .quantize import DEFAULT_BLOCK_SIZE, expert_arrays, fake_quantize_experts, fake_quantize_trunk, quantization_for
 from .trunk import export_trunk
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -45,6 +47,10 @@ class ExportOptions:
     force: bool = False
     verify: bool = True
     progress: bool = True
+    experts: str = "float"  # or "int8", "int4": the routed experts' weights (spac.export.quantize)
+    trunk: str = "float"  # the same for the target's trunk matmuls
+    block_size: int = DEFAULT_BLOCK_SIZE
+    symmetric: bool = False
 
 
 @dataclass
@@ -186,6 +192,25 @@ def load_reference(path: Path, dtype: str, family: Family):
     return model.eval()
 
 
+def fake_quantize_reference(family: Family, model, moe_layers: list[int], experts: BlockQuantization | None,
+                            trunk: BlockQuantization | None) -> None:
+    """Give the reference the package's quantized weights (see quantize.py), so the check
+    compares the export with what it should compute."""
+    if experts:
+        fake_quantize_experts(family, model, moe_layers, experts)
+    if trunk:
+        fake_quantize_trunk(family, model, trunk)
+
+
+def mismatch(verification: dict) -> str:
+    """The failed check's differences and their tolerances, in words."""
+    words = (f"max abs difference target {verification['target_max_abs_diff']:.3g} "
+             f"(tolerance {verification['target_tolerance']:.2g})")
+    if verification["draft_max_abs_diff"] is not None:
+        words += f", draft {verification['draft_max_abs_diff']:.3g} (tolerance {verification['tolerance']:g})"
+    return words
+
+
 def model_section(family: Family, model, trunk: dict, prefix: str) -> dict:
     config = model.config
     dims = {"hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
@@ -200,30 +225,47 @@ def model_section(family: Family, model, trunk: dict, prefix: str) -> dict:
             "embed": f"{prefix}/{trunk['embed']}", "head": f"{prefix}/{trunk['head']}", "layers": trunk["layers"]}
 
 
-def export_experts(family: Family, source: StreamedModel, root: Path, dtype: str, moe_layers: list[int], bar) -> dict:
-    """One .onnx + .data pair per routed expert, each read from the checkpoint alone and written
-    straight out, so memory holds one expert at a time. The graph is the same for every expert
-    of a layer: built once per shape, it names its own expert's .data file."""
+def export_experts(family: Family, source: StreamedModel, root: Path, dtype: str, moe_layers: list[int], bar,
+                   quantization: BlockQuantization | None = None) -> dict:
+    """One .onnx + .data pair per routed expert, each read from the checkpoint alone (and
+    block-quantized with `quantization`) and written straight out, so memory holds one expert at
+    a time. The graph is the same for every expert of a layer: built once per shape, it names
+    its own expert's .data file."""
     config = source.config
     dims = family.moe_dims(config)
     spec = family.expert_spec(config)
     hidden, intermediate = config.hidden_size, dims["expert_intermediate_size"]
-    tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype)
+    tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype, quantization)
     pattern = EXPERT_FILE_PATTERN
     for layer in moe_layers:
         (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
         for expert in range(dims["num_experts"]):
             base = root / pattern.format(layer=layer, expert=expert)
             with source.expert(layer, expert) as experts:
-                weights = family.expert_weights(experts, 0)
+                weights = expert_arrays(family.expert_weights(experts, 0), quantization)
                 with open(base.with_suffix(".data"), "wb") as out:
                     for tensor in tensors:
-                        out.write(weights[tensor.name].astype(DTYPES[dtype][0], copy=False).tobytes())
-            graph = build_expert_graph(spec, hidden, intermediate, dtype, data_file=base.name + ".data")
+                        out.write(weights[tensor.name].astype(tensor.dtype, copy=False).tobytes())
+            graph = build_expert_graph(spec, hidden, intermediate, dtype, data_file=base.name + ".data",
+                                       quantization=quantization)
             (base.with_suffix(".onnx")).write_bytes(graph.SerializeToString())
             bar.update(1)
-    return {"spec": spec, "tensors": [asdict(t) | {"shape": list(t.shape)} for t in tensors],
-            "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern}
+    return {"spec": spec, "tensors": [t.manifest_entry() for t in tensors],
+            "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern,
+            "quantization": quantization.as_dict() if quantization else None}
+
+
+def check_expert_blocks(family: Family, config, quantization: BlockQuantization | None) -> None:
+    """Refuse, before anything is loaded, a block size that does not divide an expert weight's
+    input dimension."""
+    if quantization is None:
+        return
+    matrices = expert_matrices(config.hidden_size, family.moe_dims(config)["expert_intermediate_size"])
+    for name, (k, n) in matrices.items():
+        refusal = quantization.refusal(k)
+        if refusal:
+            raise ExportError(f"--experts {quantization.name} --block-size {quantization.block_size}: the experts' "
+                              f"{name} [{k}, {n}] cannot be quantized: {refusal} (valid block sizes divide {k})")
 
 
 def tokenizer_section(model_dir: Path, root: Path, model_config) -> dict:
@@ -277,6 +319,8 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
     output = Path(os.path.abspath(options.output))  # "-o ." and "-o pkg/.." name their folder
     if options.dtype not in TORCH_DTYPES:
         raise ExportError(f"--dtype {options.dtype!r} is not supported; valid: {', '.join(TORCH_DTYPES)}")
+    expert_quantization = quantization_for(options.experts, options.block_size, options.symmetric, "--experts")
+    trunk_quantization = quantization_for(options.trunk, options.block_size, options.symmetric, "--trunk")
     check_output(output, options.force, model_dir, draft_dir)
     config = read_config(model_dir, "model")
     family = family_for(config, draft=False)
@@ -284,6 +328,7 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
         draft_config = read_config(draft_dir, "draft")
         draft_family = family_for(draft_config, draft=True)
         check_vocabularies(model_dir, draft_dir, config, draft_config)
+    check_expert_blocks(family, config, expert_quantization)
 
     removed = remove_stale_exports(output)
     if removed:
@@ -300,26 +345,30 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
             if not moe_layers:
                 raise ExportError(f"{model_dir} has no Mixture-of-Experts layer; spac needs an MoE target model")
             num_experts = family.moe_dims(config)["num_experts"]
-            models = [("target", family, model)] + ([("draft", draft_family, draft)] if draft is not None else [])
-            total = sum(source.config.num_hidden_layers for _, _, source in models) + len(moe_layers) * num_experts
+            models = [("target", family, model, trunk_quantization)]
+            models += [("draft", draft_family, draft, None)] if draft is not None else []
+            total = sum(source.config.num_hidden_layers for _, _, source, _ in models) + len(moe_layers) * num_experts
             with tqdm(total=total, desc="export", unit="part", disable=not options.progress) as bar:
                 sections = {"draft": None}
-                for name, fam, source in models:
+                for name, fam, source, quantization in models:
                     (tmp / name).mkdir()
-                    trunk = export_trunk(fam, source, tmp / name, lambda label: bar.update(1))
+                    trunk = export_trunk(fam, source, tmp / name, lambda label: bar.update(1), quantization)
                     sections[name] = model_section(fam, source.model, trunk, name)
-                sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar)
+                sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar,
+                                                               expert_quantization)
+                sections["target"]["trunk_quantization"] = trunk_quantization.as_dict() if trunk_quantization else None
             tokenizer = tokenizer_section(model_dir, tmp, config)
             source_names = {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name if draft_dir else None}
             manifest = write_package_manifest(tmp, source_names, options.dtype, tokenizer, **sections)
             verification = {}
             if options.verify and verify_fn:
-                verification = verify_fn(tmp, load_reference(model_dir, options.dtype, family),
+                reference = load_reference(model_dir, options.dtype, family)
+                fake_quantize_reference(family, reference, moe_layers, expert_quantization, trunk_quantization)
+                verification = verify_fn(tmp, reference,
                                          load_reference(draft_dir, options.dtype, draft_family) if draft_dir else None)
             if verification and not verification["passed"]:
-                worst = max(verification["target_max_abs_diff"], verification["draft_max_abs_diff"] or 0.0)
-                raise ExportError(f"the exported graphs do not reproduce the model's logits: max abs difference "
-                                  f"{worst:.3g} > tolerance {verification['tolerance']:g}; nothing was written")
+                raise ExportError(f"the exported graphs do not reproduce the model's logits: {mismatch(verification)}; "
+                                  "nothing was written")
             _replace(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -40,6 +40,7 @@ from .attention import RealComplex, real_rotary
 from .checkpoint import StreamedModel
 from .families import Family
 from .fusion import fuse_rms_norms, fuse_sibling_matmuls
+from .quantize import fake_quantize_linears, head_linears, layer_linears, quantize_graph_matmuls
 from .stamping import make_template, structure_key
 
 # Opset 20 runs on ONNX Runtime >= 1.20 (JetPack 6). Opset 23's fused Attention and
@@ -192,23 +193,29 @@ def trace_graph(module: nn.Module, args: tuple, input_names, output_names, dynam
     return program.model_proto
 
 
-def save_graph(model: onnx.ModelProto, path) -> None:
-    """Fuse sibling projections (see fusion.py) and write the graph: weights inside, or beside
-    it past protobuf's 2 GB cap."""
+def save_graph(model: onnx.ModelProto, path, quantization=None) -> None:
+    """Fuse sibling projections (see fusion.py), store the weights that fake quantization put on
+    `quantization`'s grid as MatMulNBits (see quantize.py), and write the graph: weights inside,
+    or beside it past protobuf's 2 GB cap."""
     fuse_sibling_matmuls(model)
+    if quantization is not None:
+        quantize_graph_matmuls(model, quantization)
     # Protobuf caps a file at 2 GB: a bigger graph keeps its weights in a file beside it, as
     # torch.onnx's own save does (the manifest lists every file of the package).
     large = sum(len(tensor.raw_data) for tensor in model.graph.initializer) > INLINE_WEIGHTS_LIMIT
     onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
 
 
-def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path) -> None:
-    save_graph(trace_graph(module, args, input_names, output_names, dynamic_shapes), path)
+def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path,
+                 quantization=None) -> None:
+    save_graph(trace_graph(module, args, input_names, output_names, dynamic_shapes), path, quantization)
 
 
-def export_trunk(family: Family, source: StreamedModel, out_dir, progress) -> dict:
+def export_trunk(family: Family, source: StreamedModel, out_dir, progress, quantization=None) -> dict:
     """Export embed, every layer and head of `source` into out_dir, filling one part of the model
-    at a time; returns the manifest section."""
+    at a time; returns the manifest section. `quantization`: the BlockQuantization of the trunk's
+    linears (spac.export.quantize), fake-quantized in each part as it is filled, then stored as
+    MatMulNBits."""
     model = source.model
     # Distinct example tensors: the exporter aliases inputs given as the same tensor object.
     example_ids, example_positions = torch.tensor([[7, 3, 5]]), torch.arange(3)[None]
@@ -226,15 +233,21 @@ def export_trunk(family: Family, source: StreamedModel, out_dir, progress) -> di
         layers = []
         for index in range(model.config.num_hidden_layers):
             with source.part(f"model.layers.{index}."):
-                layers.append(export_layer(LayerGraph(family, model, index), one_token, cos, sin, out_dir, templates))
+                layer = model.model.layers[index]
+                if quantization:
+                    fake_quantize_linears(layer_linears(family, layer, index), quantization)
+                layers.append(export_layer(LayerGraph(family, model, index), one_token, cos, sin, out_dir, templates,
+                                           quantization))
             progress(f"layer {index}")
     with source.part("model.norm.", "lm_head."):
+        if quantization:
+            fake_quantize_linears(head_linears(model), quantization)
         export_graph(HeadGraph(model), (torch.zeros(1, 3, model.config.hidden_size, dtype=source.dtype),), ["hidden"],
-                     ["logits"], {"hidden": {1: NEW_TOKENS}}, out_dir / "head.onnx")
+                     ["logits"], {"hidden": {1: NEW_TOKENS}}, out_dir / "head.onnx", quantization)
     return {"embed": "embed.onnx", "head": "head.onnx", "layers": layers}
 
 
-def export_layer(layer_graph: LayerGraph, one_token, cos, sin, out_dir, templates: dict) -> dict:
+def export_layer(layer_graph: LayerGraph, one_token, cos, sin, out_dir, templates: dict, quantization=None) -> dict:
     """Write one layer's graphs, each stamped from the template of its structure; returns the
     layer's manifest entry."""
     shapes = kv_shapes(layer_graph, *one_token)
@@ -252,7 +265,7 @@ def export_layer(layer_graph: LayerGraph, one_token, cos, sin, out_dir, template
                            [*outputs, "present_first", "present_second"], dyn)
 
     file = f"layer_{layer_graph.index:03d}.onnx"
-    write_stamped(layer_graph, trace, templates, out_dir / file)
+    write_stamped(layer_graph, trace, templates, out_dir / file, quantization)
     entry = {"index": layer_graph.index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
              "sliding_window": layer_graph.window, "kv_shapes": shapes}
     if layer_graph.is_moe and layer_graph.post_norms:
@@ -263,11 +276,12 @@ def export_layer(layer_graph: LayerGraph, one_token, cos, sin, out_dir, template
     return entry
 
 
-def write_stamped(module: nn.Module, trace, templates: dict, path) -> None:
+def write_stamped(module: nn.Module, trace, templates: dict, path, quantization=None) -> None:
     """Write `module`'s graph, stamped from the template of its structure (`trace(module)` on
-    the structure's first use; traced each time if its weights cannot be stamped)."""
+    the structure's first use; traced each time if its weights cannot be stamped). Stamping
+    writes the module's (fake-quantized) weights, so `quantization` applies to the stamped graph."""
     key = structure_key(module)
     if key not in templates:
         templates[key] = make_template(module, trace)
     template = templates[key]
-    save_graph(template.stamp(module) if template else trace(module), path)
+    save_graph(template.stamp(module) if template else trace(module), path, quantization)

@@ -47,7 +47,7 @@ class PagedExperts:
         self.expert_bytes = manifest.target.experts.bytes_per_expert
         self.capacity = max(0, budget_bytes // self.expert_bytes)  # slots
         self.files = ExpertFiles(manifest, verify)
-        self.kernel = ExpertKernel(manifest, sessions)
+        self.kernel = ExpertKernel(manifest, sessions, prepared=device is None)
         self.stats = ExpertStats(paging=PagingStats())
         self.position = PassPosition()
         self.host = HostCache(policy, self.capacity, self.position, self.stats.paging)
@@ -55,9 +55,10 @@ class PagedExperts:
         self.routing_totals = np.zeros_like(self.counts)
         self.readers = ReadPool(READ_THREADS, "spac-read")
         if policy == "static":
-            self.host.fill_static(self.files.read, frequencies, self.moe_layers, self.num_experts)
+            self.host.fill_static(lambda layer, expert: self.kernel.prepare(self.files.read(layer, expert)),
+                                  frequencies, self.moe_layers, self.num_experts)
         self.device, self.planner = device, planner
-        self.prefetcher = (Prefetcher(self.host, self._read, self.position, self.stats.paging)
+        self.prefetcher = (Prefetcher(self.host, self._fetch, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
         self.looked_ahead: set[tuple[int, int]] = set()  # asked for by this round's draft
 
@@ -93,7 +94,7 @@ class PagedExperts:
             weights[expert] = self.host.get((layer, expert))
             if weights[expert] is None:
                 paging.host_misses += 1
-                reads[expert] = self.readers.submit(self._read, layer, expert)
+                reads[expert] = self.readers.submit(self._fetch, layer, expert)
         outputs = {}
         for expert, (rows, _) in groups.items():
             if expert in gpu:
@@ -180,9 +181,13 @@ class PagedExperts:
             self._admit(key, weights)
         return weights
 
-    def _read_now(self, layer: int, expert: int) -> dict:
-        """Read on a reader thread and wait for it: the caller's wait has a timeout, a read has none."""
-        return result(self.readers.submit(self._read, layer, expert), self.files.path(layer, expert))
+    def _read_now(self, layer: int, expert: int):
+        """Fetch on a reader thread and wait for it: the caller's wait has a timeout, a read has none."""
+        return result(self.readers.submit(self._fetch, layer, expert), self.files.path(layer, expert))
+
+    def _fetch(self, layer: int, expert: int):
+        """The expert read from storage and made ready for the kernel (see ExpertKernel.prepare)."""
+        return self.kernel.prepare(self._read(layer, expert))
 
     def _read(self, layer: int, expert: int) -> dict:
         weights = self.files.read(layer, expert)

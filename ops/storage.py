@@ -70,9 +70,8 @@ class ExpertFiles:
         """`verify(name, data)` checks a file's bytes against the manifest (its sha256)."""
         self.root = manifest.root
         self.experts = manifest.target.experts
-        self.tensors = [ExpertTensor(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"])
+        self.tensors = [ExpertTensor(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"], t["dtype"])
                         for t in self.experts.tensors]
-        self.dtype = manifest.dtype
         self.verifier = ReadVerifier(verify) if verify else None
 
     def path(self, layer: int, expert: int):
@@ -99,7 +98,7 @@ class ExpertFiles:
             os.close(fd)
         if self.verifier:
             self.verifier.check(name, path, info, data)
-        return weights_from_buffer(data, self.tensors, self.dtype)
+        return weights_from_buffer(data, self.tensors)
 
 
 def _reason(error: OSError) -> str:

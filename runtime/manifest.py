@@ -25,10 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from spac.ops.expert_graph import DTYPES, expert_tensors
+from spac.ops.expert_graph import DTYPES, expert_matrices, expert_tensors
+from spac.ops.quantization import BITS, BLOCK_SIZES, BlockQuantization, from_dict
 from spac.ops.storage import PackageFileError
 
-SCHEMA_VERSION = 2  # 2: MoE layer graphs output the router's logits
+# 2: MoE layer graphs output the router's logits; 3: expert tensors name their dtype, experts
+# and trunk may be block-quantized
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.yaml"
 PRODUCER = "moe-spac"  # what a manifest written by spac-export names as its producer
 
@@ -53,6 +56,7 @@ class Experts:
     tensors: tuple[dict, ...]
     bytes_per_expert: int
     file_pattern: str  # format string with {layer} and {expert}, without extension
+    quantization: BlockQuantization | None = None  # None: weights in the package dtype
 
     def path(self, layer: int, expert: int, suffix: str) -> str:
         return self.file_pattern.format(layer=layer, expert=expert) + suffix
@@ -67,6 +71,7 @@ class ModelSection:
     head: str
     layers: tuple[Layer, ...]
     experts: Experts | None
+    trunk_quantization: BlockQuantization | None = None  # the target's trunk matmuls (informational)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -214,15 +219,36 @@ class _Reader:
                                         "(a model has at least one layer)")
         layers = tuple(self.layer(entry, i, f"{name}.layers[{i}]", moe_allowed=name == "target")
                        for i, entry in enumerate(entries))
-        experts = None
+        experts = trunk_quantization = None
         if name == "target":
             if not any(layer.kind == "moe" for layer in layers):
                 self.fail("target.layers", "has no 'moe' layer; the target is a Mixture-of-Experts model")
             experts = self.experts(data["experts"], dims, dtype, [layer.index for layer in layers if layer.kind == "moe"])
+            trunk_quantization = self.quantization(data.get("trunk_quantization"), "target.trunk_quantization", {})
         self.distinct_graphs(name, data["embed"], data["head"], layers)
         return ModelSection(data["architecture"], data["model_type"], dims,
                             self.listed(data["embed"], f"{name}.embed"), self.listed(data["head"], f"{name}.head"),
-                            layers, experts)
+                            layers, experts, trunk_quantization)
+
+    def quantization(self, raw, field: str, matrices: dict) -> BlockQuantization | None:
+        """null (float weights) or {bits, block_size, symmetric} whose blocks divide every input
+        dimension of `matrices` ({name: (K, N)})."""
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or set(raw) != {"bits", "block_size", "symmetric"}:
+            self.fail(field, f"must be null or a mapping of bits, block_size and symmetric, got {raw!r:.120}")
+        if not _is_int(raw["bits"]) or raw["bits"] not in BITS:
+            self.fail(f"{field}.bits", f"is {raw['bits']!r:.80}; valid: {', '.join(map(str, BITS))}")
+        if not _is_int(raw["block_size"]) or raw["block_size"] not in BLOCK_SIZES:
+            self.fail(f"{field}.block_size", f"is {raw['block_size']!r:.80}; valid: {', '.join(map(str, BLOCK_SIZES))}")
+        if not isinstance(raw["symmetric"], bool):
+            self.fail(f"{field}.symmetric", f"must be true or false, got {raw['symmetric']!r:.80}")
+        quantization = from_dict(raw)
+        for matrix, (k, _) in matrices.items():
+            refusal = quantization.refusal(k)
+            if refusal:
+                self.fail(f"{field}.block_size", f"does not fit {matrix}: {refusal}")
+        return quantization
 
     def distinct_graphs(self, name: str, embed: str, head: str, layers: tuple[Layer, ...]) -> None:
         """Each graph has one role: its inputs and outputs are checked against that role."""
@@ -264,16 +290,19 @@ class _Reader:
             if isinstance(spec.get(key), bool) or not isinstance(spec.get(key), (int, float)):
                 self.fail(f"target.experts.spec.{key}", f"must be a number for variant {variant}, "
                                                         f"got {spec.get(key)!r:.80}")
-        layout = expert_tensors(variant, dims["hidden_size"], dims["expert_intermediate_size"], dtype)
-        expected = [{"name": t.name, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes} for t in layout]
+        hidden, intermediate = dims["hidden_size"], dims["expert_intermediate_size"]
+        quantization = self.quantization(raw.get("quantization"), "target.experts.quantization",
+                                         expert_matrices(hidden, intermediate))
+        layout = expert_tensors(variant, hidden, intermediate, dtype, quantization)
+        expected = [t.manifest_entry() for t in layout]
         if raw["tensors"] != expected:
-            self.fail("target.experts.tensors", f"do not match the {variant} layout of hidden_size "
-                                                f"{dims['hidden_size']} and expert_intermediate_size "
-                                                f"{dims['expert_intermediate_size']} in {dtype}: expected {expected}")
+            form = f"{dtype}" + (f", {quantization.name} blocks of {quantization.block_size}" if quantization else "")
+            self.fail("target.experts.tensors", f"do not match the {variant} layout of hidden_size {hidden} and "
+                                                f"expert_intermediate_size {intermediate} in {form}: expected {expected}")
         total = sum(t.nbytes for t in layout)
         if raw["bytes_per_expert"] != total:
             self.fail("target.experts.bytes_per_expert", f"is {raw['bytes_per_expert']}; the tensors take {total}")
-        experts = Experts(spec, tuple(raw["tensors"]), total, self.file_pattern(raw["file_pattern"]))
+        experts = Experts(spec, tuple(raw["tensors"]), total, self.file_pattern(raw["file_pattern"]), quantization)
         self.expert_files(experts, moe_layers, dims["num_experts"])
         return experts
 

@@ -43,21 +43,24 @@ def exporter_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def build_package(work: Path) -> tuple[Path, Path]:
+def build_package(work: Path, *export_flags: str, shape: dict = SHAPE) -> tuple[Path, Path]:
+    """(model_dir, package): the model of `shape` built once under `work`, exported with
+    `export_flags` (e.g. "--experts", "int4"); cached per flags and exporter code."""
     import shutil
 
     import make_models
     from spac.export.cli import main as export_main
 
     model_dir, draft_dir = work / "model", work / "draft"
-    package = work / f"package-{exporter_digest()}"
+    tag = "-".join(flag.lstrip("-") for flag in export_flags) or "float"
+    package = work / f"package-{tag}-{exporter_digest()}"
     if not (model_dir / "config.json").exists():
-        make_models.make_model("qwen3_moe", model_dir, **SHAPE)
+        make_models.make_model("qwen3_moe", model_dir, **shape)
         make_models.make_model("qwen3", draft_dir)
     if not (package / "manifest.yaml").exists():
-        for stale in work.glob("package*"):
+        for stale in work.glob(f"package-{tag}-*"):
             shutil.rmtree(stale)
-        if export_main([str(model_dir), "--draft", str(draft_dir), "-o", str(package), "--quiet"]):
+        if export_main([str(model_dir), "--draft", str(draft_dir), "-o", str(package), "--quiet", *export_flags]):
             raise SystemExit("export failed")
     return model_dir, package
 

@@ -413,8 +413,7 @@ def build_package(root: Path, shape: str, layers: int, seed: int = 0) -> Path:
                     if entry.key == "location":
                         entry.value = base.name + ".data"
             base.with_suffix(".onnx").write_bytes(stub.SerializeToString())
-    tgt["experts"] = {"spec": spec, "tensors": [{"name": t.name, "shape": list(t.shape), "offset": t.offset,
-                                                 "nbytes": t.nbytes} for t in tensors],
+    tgt["experts"] = {"spec": spec, "tensors": [t.manifest_entry() for t in tensors],
                       "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern}
     tokenizer = {"files": ["tokenizer/tokenizer.json"], "eos_token_ids": [], "bos_token_id": None,
                  "chat_template": None, "bos_token": None, "eos_token": None}

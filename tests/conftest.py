@@ -22,7 +22,8 @@ def model_pair(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, model_pair):
-    """exported(family, draft_family="qwen3") -> ExportResult of a verified package, made once."""
+    """exported(family, draft_family="qwen3", **options) -> ExportResult of a verified package,
+    made once; `options` are ExportOptions fields (experts="int4", ...)."""
     from spac.export.cli import quiet_exporter_logs
     from spac.export.package import ExportOptions, export_package
     from spac.export.verify import verify_package
@@ -31,11 +32,12 @@ def exported(tmp_path_factory, model_pair):
     root = tmp_path_factory.mktemp("packages")
     results = {}
 
-    def get(family, draft_family="qwen3"):
-        key = (family, draft_family)
+    def get(family, draft_family="qwen3", **fields):
+        key = (family, draft_family, *sorted(fields.items()))
         if key not in results:
             model_dir, draft_dir = model_pair(family, draft_family)
-            options = ExportOptions(model_dir, draft_dir, root / f"{family}-{draft_family}", progress=False)
+            name = "-".join([family, draft_family, *(f"{k}={v}" for k, v in sorted(fields.items()))])
+            options = ExportOptions(model_dir, draft_dir, root / name, progress=False, **fields)
             results[key] = export_package(options, verify_fn=verify_package)
         return results[key]
 

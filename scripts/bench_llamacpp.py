@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""spac against llama.cpp: decode tokens/s of the same model, every expert resident, on the CPU,
+spac int4 against llama.cpp Q4_0 and spac float32 against llama.cpp F32, measured round-robin.
+
+    python scripts/bench_llamacpp.py [--llama-cpp DIR] [--threads 2] [--tokens 64] [--repeats 5]
+                                     [--out results/bench_llamacpp.json]
+
+The model is bench_runtime.py's random-weight Qwen3-MoE (432 M parameters: hidden 1024, 8
+layers, 32 experts, top-4). spac: `Runtime.generate(..., speculative=False)` after a 16-token
+prompt, with the global thread pool (spac-run's default); int4 is `--experts int4 --trunk int4`
+(block 32, asymmetric; routers and embeddings stay float32). llama.cpp: `llama-bench -p 0 -n
+TOKENS -t THREADS` on GGUF files that its own convert_hf_to_gguf.py (F32) and llama-quantize
+(Q4_0) make from the model directory. The converter refuses our tokenizers' unknown
+pre-tokenizer, so it runs with TextModel.get_vocab_base_pre patched to return "default" (the
+conversion only, the model's tokens are not used by llama-bench).
+
+DIR (or $SPAC_LLAMA_CPP) is a llama.cpp source folder with build/bin/llama-bench and
+llama-quantize; without one, llama.cpp is skipped with a message and only spac is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_runtime import build_package, interleaved_rates, runtime_rate  # noqa: E402
+
+CONVERT = """
+import sys
+sys.path[:0] = [{root!r}, {gguf!r}]
+import convert_hf_to_gguf as convert
+convert.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"  # our test tokenizers' pre-tokenizer
+sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outfile", {out!r}, "--outtype", "f32"]
+convert.main()
+"""
+
+
+def llama_cpp_tools(folder: Path | None) -> dict | None:
+    """Paths of llama-bench and llama-quantize and the converter, or None (with the reason printed)."""
+    if folder is None:
+        print("llama.cpp: skipped (give --llama-cpp DIR or set SPAC_LLAMA_CPP to a built llama.cpp folder)")
+        return None
+    tools = {"bench": folder / "build/bin/llama-bench", "quantize": folder / "build/bin/llama-quantize",
+             "convert": folder / "convert_hf_to_gguf.py"}
+    missing = [str(path) for path in tools.values() if not path.is_file()]
+    if missing:
+        print(f"llama.cpp: skipped ({', '.join(missing)} missing: build llama-bench and llama-quantize)")
+        return None
+    return tools
+
+
+def gguf_files(tools: dict, model_dir: Path, work: Path) -> dict[str, Path]:
+    f32, q4 = work / "model-f32.gguf", work / "model-q4_0.gguf"
+    if not f32.is_file():
+        root = tools["convert"].parent
+        code = CONVERT.format(root=str(root), gguf=str(root / "gguf-py"), model=str(model_dir), out=str(f32))
+        subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
+    if not q4.is_file():
+        subprocess.run([str(tools["quantize"]), str(f32), str(q4), "Q4_0"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return {"float32": f32, "int4": q4}
+
+
+def llama_bench_rate(bench: Path, model: Path, tokens: int, threads: int):
+    def decode_rate() -> float:
+        done = subprocess.run([str(bench), "-m", str(model), "-p", "0", "-n", str(tokens), "-t", str(threads),
+                               "-r", "1", "-o", "json"], check=True, capture_output=True, text=True)
+        return float(json.loads(done.stdout)[0]["avg_ts"])
+
+    return decode_rate
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-cpp", type=Path, default=os.environ.get("SPAC_LLAMA_CPP"),
+                        help="a llama.cpp folder with build/bin/llama-bench (default: $SPAC_LLAMA_CPP)")
+    parser.add_argument("--work", type=Path, default=Path("cache/bench_runtime"), help="model and package cache")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("results/bench_llamacpp.json"))
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir, float_package = build_package(args.work)
+    packages = {"float32": float_package, "int4": build_package(args.work, "--experts", "int4", "--trunk", "int4")[1]}
+    tools = llama_cpp_tools(args.llama_cpp)
+    from spac.runtime import Runtime
+
+    prompt = list(range(10, 26))
+    contenders = {}
+    ggufs = gguf_files(tools, model_dir, args.work) if tools else {}
+    for precision, package in packages.items():
+        runtime = Runtime(package, threads=args.threads, global_thread_pool=True)
+        contenders[f"spac {precision}"] = runtime_rate(runtime, prompt, args.tokens)
+        if precision in ggufs:
+            llama = "Q4_0" if precision == "int4" else "F32"
+            contenders[f"llama.cpp {llama}"] = llama_bench_rate(tools["bench"], ggufs[precision], args.tokens,
+                                                                args.threads)
+    rates = interleaved_rates(contenders, args.repeats)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    report = {"threads": args.threads, "tokens": args.tokens, "repeats": args.repeats, "rates": rates,
+              "median_tokens_per_second": medians}
+    for spac, llama in (("spac int4", "llama.cpp Q4_0"), ("spac float32", "llama.cpp F32")):
+        if llama in rates:
+            per_round = [a / b for a, b in zip(rates[spac], rates[llama])]
+            report[f"{spac} / {llama}"] = {"median": medians[spac] / medians[llama], "per_round": per_round}
+            print(f"{spac} {medians[spac]:.1f} tok/s vs {llama} {medians[llama]:.1f} tok/s: "
+                  f"{medians[spac] / medians[llama]:.2f}x (per round {min(per_round):.2f}-{max(per_round):.2f}x)")
+        else:
+            print(f"{spac} {medians[spac]:.1f} tok/s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
