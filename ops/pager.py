@@ -33,9 +33,10 @@ class PagedExperts:
 
     def __init__(self, manifest, sessions, budget_bytes: int, policy: str = "spac", estimator=None,
                  frequencies: np.ndarray | None = None, verify=None, device: DeviceSlots | None = None,
-                 planner=None):
+                 planner=None, reader=None):
         """`device` is the GPU tier and `planner` the workload balancer (plan_for(layer, counts,
-        resident, free_slots) -> LayerPlan); without them every expert runs on the CPU."""
+        resident, free_slots) -> LayerPlan); without them every expert runs on the CPU. `reader`
+        reads whole expert files (spac.ops.direct_io.DirectReader; None: pread)."""
         if policy == "spac" and estimator is None:
             raise ValueError("the spac policy needs a utility estimator")
         self.policy, self.estimator = policy, estimator
@@ -43,7 +44,7 @@ class PagedExperts:
         self.num_experts = manifest.target.dims["num_experts"]
         self.expert_bytes = manifest.target.experts.bytes_per_expert
         self.capacity = max(0, budget_bytes // self.expert_bytes)  # slots
-        self.files = ExpertFiles(manifest, verify)
+        self.files = ExpertFiles(manifest, verify, reader)
         self.kernel = ExpertKernel(manifest, sessions)
         self.stats = ExpertStats(paging=PagingStats())
         self.position = PassPosition()
@@ -56,6 +57,12 @@ class PagedExperts:
         self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="spac-read")
         self.prefetcher = (Prefetcher(self.host, self._read, self._admit, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
+
+    @staticmethod
+    def read_buffers(expert_bytes: int) -> int:
+        """The most expert reads in flight or held outside the cache at once: a layer's reads
+        ahead, the one being computed, the prefetcher's."""
+        return (READ_THREADS + 2) * expert_bytes
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats(paging=PagingStats())
@@ -83,24 +90,32 @@ class PagedExperts:
         # The whole layer's routing is known before any expert runs (with SD, γ+1 tokens' worth),
         # so every miss is read at once, in parallel, while the cached experts compute.
         gpu = {expert for expert in groups if expert in on_device and self._on_device((layer, expert))}
-        weights, reads = {}, {}
+        weights, misses = {}, []
         for expert in sorted(groups.keys() - gpu):
             weights[expert] = self.host.get((layer, expert))
             if weights[expert] is None:
                 paging.host_misses += 1
-                reads[expert] = self.readers.submit(self._read, layer, expert)
+                misses.append(expert)
+        # At most READ_THREADS misses are read ahead of the one being computed, and a miss the
+        # cache does not keep is dropped once computed: a layer's misses never all sit in RAM
+        # at once (the memory limit counts READ_THREADS + 1 expert buffers, see read_buffers).
+        reads = {expert: self.readers.submit(self._read, layer, expert) for expert in misses[:READ_THREADS]}
         outputs = {}
         for expert, (rows, _) in groups.items():
             if expert in gpu:
                 outputs[expert] = (self.device.run((layer, expert), x[rows]), self.device.kernel.provider)
-            elif expert not in reads:
+            elif expert not in reads and expert not in misses:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
-        for expert, read in reads.items():
+        for index, expert in enumerate(misses):
             started = time.perf_counter()
-            weights[expert] = read.result()
+            buffer = reads.pop(expert).result()
             paging.stall_seconds += time.perf_counter() - started
-            self._admit((layer, expert), weights[expert])
-            outputs[expert] = (self.kernel.run(x[groups[expert][0]], weights[expert]), "cpu")
+            if index + READ_THREADS < len(misses):
+                following = misses[index + READ_THREADS]
+                reads[following] = self.readers.submit(self._read, layer, following)
+            kept = self._admit((layer, expert), buffer)
+            outputs[expert] = (self.kernel.run(x[groups[expert][0]], buffer), "cpu")
+            weights[expert] = buffer if kept or plan else None
         out = np.zeros_like(x)
         for expert, (rows, slots) in groups.items():  # ascending expert order, as transformers sums
             y, provider = outputs[expert]
@@ -153,10 +168,12 @@ class PagedExperts:
         return weights
 
     def _read(self, layer: int, expert: int) -> dict:
+        started = time.perf_counter()
         weights = self.files.read(layer, expert)
         with self.host.lock:
             self.stats.paging.storage_reads += 1
             self.stats.paging.storage_bytes_read += self.expert_bytes
+            self.stats.paging.read_seconds += time.perf_counter() - started
         return weights
 
     def _utility(self, key) -> float:

@@ -14,7 +14,9 @@ class ExpertFiles:
     the OS page cache (posix_fadvise DONTNEED), so a later read really goes to the disk and the
     page cache cannot silently act as an unbudgeted RAM tier."""
 
-    def __init__(self, manifest, verify=None):
+    def __init__(self, manifest, verify=None, reader=None):
+        """`reader.read(fd, size)` reads a whole file (spac.ops.direct_io.DirectReader: O_DIRECT);
+        None: plain pread."""
         self.root = manifest.root
         self.experts = manifest.target.experts
         self.tensors = [ExpertTensor(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"])
@@ -22,12 +24,14 @@ class ExpertFiles:
         self.dtype = manifest.dtype
         self.verify = verify  # verify(name, data): checks a file's sha256 the first time it is read
         self.verified: set[str] = set()
+        self.reader = reader
 
     def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         name = self.experts.path(layer, expert, ".data")
         fd = os.open(self.root / name, os.O_RDONLY)
         try:
-            data = os.pread(fd, self.experts.bytes_per_expert, 0)
+            size = self.experts.bytes_per_expert
+            data = self.reader.read(fd, size) if self.reader else os.pread(fd, size, 0)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:

@@ -12,7 +12,7 @@ from spac.ops.host_cache import POLICIES
 from .arguments import Parser, integer, number, utf8_text
 from .estimator import ESTIMATORS
 from .logs import add_logging_flags, setup_logging
-from .profile import MAX_DRAFT_LEN, ProfileError, parse_budget
+from .profile import MAX_DRAFT_LEN, ProfileError, excerpt, parse_budget, parse_bytes
 
 DESCRIPTION = """\
 Generate text from a package made by spac-export. The draft proposes --draft-len tokens per
@@ -71,6 +71,13 @@ def parse_args(argv):
                         help="host RAM for the expert cache: a share of the expert bytes ('25%%', 0.25) or bytes "
                              "of expert cache ('1048576', '512MiB'); below 100%% experts are paged from the "
                              "package (default: profile's)")
+    parser.add_argument("--memory-limit", type=parse_memory_limit, default=None,
+                        help="bytes the whole process may use ('700MB', '2GiB', bytes) or 'auto' (the memory "
+                             "cgroup's limit, else MemAvailable); sizes the host expert cache to fit, "
+                             "overriding --host-budget")
+    parser.add_argument("--direct-io", action="store_true",
+                        help="read paged experts with O_DIRECT into aligned buffers, past the page cache "
+                             "(falls back to plain reads where the file system refuses it)")
     parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
                         help="utility estimator of the spac policy (default: profile's)")
     parser.add_argument("--thread-pool", choices=("global", "per-session"), default=None,
@@ -97,6 +104,20 @@ def parse_host_budget(text: str) -> float | int:
     return budget.nbytes if budget.fraction is None else budget.fraction
 
 
+def parse_memory_limit(text: str) -> int | str:
+    """'auto', or bytes ('700000000', '700MB', '2GiB')."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        nbytes = parse_bytes(text)
+    except ProfileError:
+        nbytes = 0
+    if nbytes <= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of bytes such as 700MB or 2GiB, "
+                                         f"got {excerpt(repr(text))}")
+    return nbytes
+
+
 def stats_line(stats: dict) -> str:
     calls = ", ".join(f"{ep} {n}" for ep, n in sorted(stats["expert_calls"].items())) or "none"
     return (f"[spac] {stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s decode, "
@@ -118,7 +139,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     try:
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
                           strict=args.strict, policy=args.policy, host_budget=args.host_budget,
-                          estimator=args.estimator,
+                          estimator=args.estimator, memory_limit=args.memory_limit, direct_io=args.direct_io,
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
     except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)

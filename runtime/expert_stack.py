@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from spac.ops.device_slots import DeviceSlots
+from spac.ops.direct_io import DirectReader
 from spac.ops.experts import ExpertKernel, Experts, ResidentExperts
 from spac.ops.pager import PagedExperts
 from spac.ops.sessions import SessionFactory
@@ -32,6 +33,7 @@ class ExpertOptions:
     # plans) on the CPU EP, to exercise it without a GPU; None: no device tier.
     device_tier: str | None = None
     device_slots: int | None = None  # None: as many as the profile's device budget holds
+    direct_io: bool = False  # read expert files with O_DIRECT (spac.ops.direct_io)
 
 
 def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory,
@@ -66,7 +68,7 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
     return PagedExperts(manifest, sessions, total if budget is None else budget, options.policy or profile.policy,
                         make_estimator(options.estimator or profile.estimator, layers, experts),
                         options.static_frequencies, verify=lambda name, data: verify_file(manifest, name, data),
-                        device=device, planner=planner)
+                        device=device, planner=planner, reader=DirectReader() if options.direct_io else None)
 
 
 def _resident(manifest: Manifest, sessions: SessionFactory, provider: str) -> ResidentExperts:

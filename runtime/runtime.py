@@ -11,12 +11,16 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+
+from spac.ops.pager import PagedExperts
 from spac.ops.providers import PROVIDERS
 from spac.ops.sessions import SessionFactory, cuda_available
 
 from .chat import chat_prompt
 from .expert_stack import ExpertOptions, build_experts
 from .manifest import load_manifest
+from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit
 from .model import ModelRunner
 from .profile import load_profile
 from .speculative import Decoder, Sampler
@@ -57,14 +61,18 @@ class Runtime:
     def __init__(self, package, profile: str = "cpu-only", draft_len: int | None = None,
                  providers: list[str] | None = None, strict: bool = False, threads: int | None = None,
                  policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
-                 static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None):
+                 static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None,
+                 memory_limit: int | str | None = None, direct_io: bool = False):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
         override the profile's; `static_frequencies[layer, expert]` (routing counts from an
         earlier run) choose the `static` policy's resident set. `global_thread_pool` shares one
         ORT thread pool across all sessions: faster, but every other ORT session in the process
         must then be made with use_per_session_threads=False (see spac.ops.sessions).
         `device_tier="cpu"` runs the device tier (slots, balancer plans) on the CPU EP, to
-        exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions)."""
+        exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions). `memory_limit`
+        (bytes, or "auto": the cgroup's limit, else MemAvailable) sizes the host cache so that
+        the whole process stays inside it, overriding `host_budget` (see spac.runtime.memory).
+        `direct_io` reads expert files with O_DIRECT (spac.ops.direct_io), past the page cache."""
         self.manifest = load_manifest(package)
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
@@ -77,14 +85,28 @@ class Runtime:
         self.provider = choose_provider(self.profile, providers, strict)
         self.sessions = SessionFactory(threads or self.profile.threads, global_pool=global_thread_pool,
                                        provider_options=self.profile.provider_options())
-        options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier)
-        self.experts = build_experts(self.manifest, self.profile, self.sessions, options)
         # The trunk and the draft run where the profile puts them: on the GPU when there is one.
-        self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts,
-                                  provider=self.provider)
+        # They load before the experts, so that a memory limit can count what they take.
+        self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, provider=self.provider)
         self.draft = (ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
                       if self.manifest.draft else None)
         self.context = self.manifest.target.dims["max_position_embeddings"]
+        self.memory = None
+        if memory_limit is not None:
+            self.memory = self._plan_memory(resolve_limit(memory_limit))
+            host_budget = self.memory.host_budget
+        options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
+                                direct_io=direct_io)
+        self.experts = self.target.experts = build_experts(self.manifest, self.profile, self.sessions, options)
+
+    def _plan_memory(self, limit: int) -> MemoryPlan:
+        itemsize = np.dtype(self.target.dtype).itemsize
+        kv = sum(kv_cache_bytes(section, self.context, itemsize)
+                 for section in (self.manifest.target, self.manifest.draft) if section is not None)
+        expert_bytes = self.manifest.target.experts.bytes_per_expert
+        plan = plan_memory(limit, kv, PagedExperts.read_buffers(expert_bytes), expert_bytes)
+        log.info("memory limit %.0f MB: %s", limit / 1e6, plan.as_dict())
+        return plan
         self.last_result: GenerationResult | None = None
 
     def __enter__(self) -> "Runtime":

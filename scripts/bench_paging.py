@@ -110,7 +110,7 @@ def prompts() -> dict[str, str]:
 def measure(runtime, texts: list[str], speculative: bool, max_new_tokens: int) -> dict:
     """Generate from every prompt; totals over all of them."""
     totals = dict(new_tokens=0, decode_tokens=0, decode_seconds=0.0, seconds=0.0, hits=0, misses=0,
-                  bytes_read=0, stall_seconds=0.0, issued=0, used=0, dropped=0, proposed=0, accepted=0)
+                  bytes_read=0, read_seconds=0.0, stall_seconds=0.0, issued=0, used=0, dropped=0, proposed=0, accepted=0)
     tokens = []
     for text in texts:
         started = time.perf_counter()
@@ -128,6 +128,7 @@ def measure(runtime, texts: list[str], speculative: bool, max_new_tokens: int) -
         if "tiers" in stats:  # paged: resident runs have no tiers
             totals["hits"] += stats["tiers"]["host"]["hits"]
             totals["misses"] += stats["tiers"]["host"]["misses"]
+            totals["read_seconds"] += stats["tiers"]["storage"]["read_seconds"]
             for key in ("issued", "used", "dropped"):
                 totals[key] += stats["prefetch"][key]
     lookups = totals["hits"] + totals["misses"]
