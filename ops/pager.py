@@ -33,10 +33,11 @@ class PagedExperts:
 
     def __init__(self, manifest, sessions, budget_bytes: int, policy: str = "spac", estimator=None,
                  frequencies: np.ndarray | None = None, verify=None, device: DeviceSlots | None = None,
-                 planner=None, reader=None):
+                 planner=None, reader=None, lookahead=None):
         """`device` is the GPU tier and `planner` the workload balancer (plan_for(layer, counts,
         resident, free_slots) -> LayerPlan); without them every expert runs on the CPU. `reader`
-        reads whole expert files (spac.ops.direct_io.DirectReader; None: pread)."""
+        reads whole expert files (spac.ops.direct_io.DirectReader; None: pread); `lookahead`
+        (spac.ops.lookahead.Lookahead, with the spac policy) reads guessed experts early."""
         if policy == "spac" and estimator is None:
             raise ValueError("the spac policy needs a utility estimator")
         self.policy, self.estimator = policy, estimator
@@ -57,6 +58,7 @@ class PagedExperts:
         self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="spac-read")
         self.prefetcher = (Prefetcher(self.host, self._read, self._admit, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
+        self.lookahead = lookahead if self.prefetcher is not None else None
 
     @staticmethod
     def read_buffers(expert_bytes: int) -> int:
@@ -77,12 +79,27 @@ class PagedExperts:
 
     # --- the critical path -------------------------------------------------------------------
 
+    def anticipate(self, layer: int, hidden: np.ndarray, distance: int) -> None:
+        """`hidden` ([T, H]) is the residual stream `distance` layers before MoE layer `layer`'s
+        input: queue reads of the experts its router would pick from it. A guess ranks by its
+        expert's utility plus its share of the batch, so it evicts only slots worth less."""
+        if self.lookahead is None:
+            return
+        utilities = self.estimator.utilities()
+        wanted = [((layer, expert), float(utilities[layer, expert]) + share)
+                  for expert, share in self.lookahead.guess(layer, hidden, distance)
+                  if (layer, expert) not in self.host]
+        self.lookahead.read_early += len(wanted)
+        self.prefetcher.add(wanted)
+
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
         if self.prefetcher is not None:
             self.prefetcher.raise_error()
         self.position.layer = layer
         paging = self.stats.paging
         groups = group_by_expert(topk_ids)
+        if self.lookahead is not None:
+            self._score_guesses(layer, set(groups))
         for expert, (rows, _) in groups.items():
             self.counts[layer, expert] += len(rows)
         plan = self._plan(layer) if self.planner and self.device else None
@@ -126,6 +143,12 @@ class PagedExperts:
             self._prefetch_to_device(layer, plan.prefetch, weights)
         self.position.computed.add(layer)  # evict-first from now until the next round's utilities
         return out
+
+    def _score_guesses(self, layer: int, routed: set[int]) -> None:
+        for expert in self.lookahead.score(layer, routed) - routed:
+            slot = self.host.slots.get((layer, expert))
+            if slot is not None and slot.prefetched:  # read early and, this pass, for nothing
+                self.lookahead.wasted_bytes += self.expert_bytes
 
     def _plan(self, layer: int):
         return self.planner.plan_for(layer, self.counts[layer], self.device.resident(layer),

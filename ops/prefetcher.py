@@ -60,6 +60,12 @@ class Prefetcher:
             self.requests.put(PrefetchRequest((layer, -utility), utility, self.position.pass_id, layer, expert))
             self.paging.prefetch_issued += 1
 
+    def add(self, wanted: list[tuple[tuple[int, int], float]]) -> None:
+        """Queue `wanted` for the pass under way, beside what is queued (lookahead guesses)."""
+        for (layer, expert), utility in wanted:
+            self.requests.put(PrefetchRequest((layer, -utility), utility, self.position.pass_id, layer, expert))
+            self.paging.prefetch_issued += 1
+
     def _stale(self, request: PrefetchRequest) -> bool:
         return (self.position.pass_id, self.position.layer) >= (request.pass_id, request.layer)
 

@@ -78,6 +78,9 @@ def parse_args(argv):
     parser.add_argument("--direct-io", action="store_true",
                         help="read paged experts with O_DIRECT into aligned buffers, past the page cache "
                              "(falls back to plain reads where the file system refuses it)")
+    parser.add_argument("--lookahead", action="store_true",
+                        help="spac policy: read the experts the next layers' routers guess from the current "
+                             "hidden state while the current layer computes (guesses never change the output)")
     parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
                         help="utility estimator of the spac policy (default: profile's)")
     parser.add_argument("--thread-pool", choices=("global", "per-session"), default=None,
@@ -140,6 +143,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
                           strict=args.strict, policy=args.policy, host_budget=args.host_budget,
                           estimator=args.estimator, memory_limit=args.memory_limit, direct_io=args.direct_io,
+                          lookahead=args.lookahead,
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
     except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)

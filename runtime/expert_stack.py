@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from spac.ops.device_slots import DeviceSlots
 from spac.ops.direct_io import DirectReader
+from spac.ops.lookahead import Lookahead, load_routers
 from spac.ops.experts import ExpertKernel, Experts, ResidentExperts
 from spac.ops.pager import PagedExperts
 from spac.ops.sessions import SessionFactory
@@ -34,6 +35,7 @@ class ExpertOptions:
     device_tier: str | None = None
     device_slots: int | None = None  # None: as many as the profile's device budget holds
     direct_io: bool = False  # read expert files with O_DIRECT (spac.ops.direct_io)
+    lookahead: bool = False  # read guessed experts of the next layers early (spac policy; spac.ops.lookahead)
 
 
 def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory,
@@ -68,7 +70,8 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
     return PagedExperts(manifest, sessions, total if budget is None else budget, options.policy or profile.policy,
                         make_estimator(options.estimator or profile.estimator, layers, experts),
                         options.static_frequencies, verify=lambda name, data: verify_file(manifest, name, data),
-                        device=device, planner=planner, reader=DirectReader() if options.direct_io else None)
+                        device=device, planner=planner, reader=DirectReader() if options.direct_io else None,
+                        lookahead=Lookahead(load_routers(manifest), moe.dims["top_k"]) if options.lookahead else None)
 
 
 def _resident(manifest: Manifest, sessions: SessionFactory, provider: str) -> ResidentExperts:

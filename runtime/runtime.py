@@ -62,7 +62,7 @@ class Runtime:
                  providers: list[str] | None = None, strict: bool = False, threads: int | None = None,
                  policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
                  static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None,
-                 memory_limit: int | str | None = None, direct_io: bool = False):
+                 memory_limit: int | str | None = None, direct_io: bool = False, lookahead: bool = False):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
         override the profile's; `static_frequencies[layer, expert]` (routing counts from an
         earlier run) choose the `static` policy's resident set. `global_thread_pool` shares one
@@ -72,7 +72,9 @@ class Runtime:
         exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions). `memory_limit`
         (bytes, or "auto": the cgroup's limit, else MemAvailable) sizes the host cache so that
         the whole process stays inside it, overriding `host_budget` (see spac.runtime.memory).
-        `direct_io` reads expert files with O_DIRECT (spac.ops.direct_io), past the page cache."""
+        `direct_io` reads expert files with O_DIRECT (spac.ops.direct_io), past the page cache;
+        `lookahead` (spac policy) reads the experts the next layers' routers guess from the
+        current hidden state while the current layer computes (spac.ops.lookahead)."""
         self.manifest = load_manifest(package)
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
@@ -96,7 +98,7 @@ class Runtime:
             self.memory = self._plan_memory(resolve_limit(memory_limit))
             host_budget = self.memory.host_budget
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
-                                direct_io=direct_io)
+                                direct_io=direct_io, lookahead=lookahead)
         self.experts = self.target.experts = build_experts(self.manifest, self.profile, self.sessions, options)
 
     def _plan_memory(self, limit: int) -> MemoryPlan:
