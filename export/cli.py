@@ -1,9 +1,10 @@
-"""spac-export: a Hugging Face MoE model and its draft -> a spac package of ONNX graphs."""
+"""spac-export: a Hugging Face MoE model (and optionally a draft) -> a spac package of ONNX graphs."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import signal
 import sys
@@ -15,10 +16,12 @@ from spac.runtime.arguments import Parser
 from spac.runtime.logs import add_logging_flags, setup_logging
 
 DESCRIPTION = """\
-Split a Hugging Face Mixture-of-Experts model and its draft into a spac package:
+Split a Hugging Face Mixture-of-Experts model (and its draft, if given) into a spac package:
 trunk graphs (embedding, per-layer attention with explicit KV cache + router + shared experts,
 final norm + lm_head), one ONNX subgraph per routed expert with its weights in its own file
 (the paging unit), the draft's graphs, the tokenizer, and manifest.yaml with every file's sha256.
+Without --draft the package has no draft model: spac-run then decodes with the target alone or
+drafts with the target itself (spac-run --draft self).
 
 At the end the package is run with ONNX Runtime and compared with the transformers model
 (16-token prompt + 8 cached decode steps); the max abs logit difference is printed."""
@@ -33,15 +36,17 @@ supported drafts:       llama, mistral, qwen2, qwen3 (same tokenizer as the targ
 folder holding them. Folders that killed exports left beside the output (.NAME.partial-PID-*,
 .NAME.old-PID) are removed by the next export once their process is gone.
 
-example:
-  spac-export models/qwen3-moe --draft models/qwen3-draft -o packages/qwen3-moe"""
+examples:
+  spac-export models/qwen3-moe --draft models/qwen3-draft -o packages/qwen3-moe
+  spac-export models/qwen3-moe -o packages/qwen3-moe-nodraft"""
 
 
 def parse_args(argv):
     parser = Parser(prog="spac-export", description=DESCRIPTION, epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="target MoE model directory (saved with save_pretrained)")
-    parser.add_argument("--draft", type=Path, required=True, help="draft model directory (dense, same tokenizer)")
+    parser.add_argument("--draft", type=Path, default=None,
+                        help="draft model directory (dense, same tokenizer); omitted: a package without a draft")
     parser.add_argument("-o", "--output", type=Path, required=True, help="package directory to create")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                         help="weight and activation dtype of the package (default: float32)")
@@ -59,14 +64,16 @@ def summary(result) -> str:
 
     manifest = result.manifest
     target, draft = manifest["target"], manifest["draft"]
+    draft_name = f"draft {draft['architecture']}" if draft else "no draft"
+    draft_layers = f", draft {draft['dims']['num_layers']}" if draft else ""
     experts = target["experts"]
     moe_layers = sum(layer["kind"] == "moe" for layer in target["layers"])
     expert_files = moe_layers * target["dims"]["num_experts"]
     total = sum(entry["bytes"] for entry in manifest["files"].values())
     rows = [
         ("package", str(result.output)),
-        ("architecture", f"{target['architecture']} + draft {draft['architecture']}"),
-        ("layers", f"{target['dims']['num_layers']} ({moe_layers} MoE), draft {draft['dims']['num_layers']}"),
+        ("architecture", f"{target['architecture']} + {draft_name}"),
+        ("layers", f"{target['dims']['num_layers']} ({moe_layers} MoE){draft_layers}"),
         ("experts", f"{target['dims']['num_experts']} per MoE layer, top-{target['dims']['top_k']}, "
                     f"{expert_files} files ({experts['spec']['variant']})"),
         ("bytes per expert", format_bytes(experts["bytes_per_expert"])),
@@ -77,8 +84,10 @@ def summary(result) -> str:
     ]
     report = result.verification
     if report:
-        rows.append(("verification", f"passed: max abs logit diff target {report['target_max_abs_diff']:.2e}, "
-                                     f"draft {report['draft_max_abs_diff']:.2e} (tolerance {report['tolerance']:g})"))
+        draft_diff = report["draft_max_abs_diff"]
+        draft_diff = f", draft {draft_diff:.2e}" if draft_diff is not None else ""
+        rows.append(("verification", f"passed: max abs logit diff target {report['target_max_abs_diff']:.2e}"
+                                     f"{draft_diff} (tolerance {report['tolerance']:g})"))
     else:
         rows.append(("verification", "skipped (--no-verify)"))
     rows.append(("time", f"{result.seconds:.1f} s"))
@@ -127,6 +136,11 @@ def main(argv=None) -> int:
         print(f"spac-export: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
+        if error.errno == errno.ENOSPC:  # the disk filled up: the user's to fix, like bad input
+            print(f"spac-export: error: no space left on the device holding {args.output.absolute().parent} while "
+                  f"writing the package ({error.strerror}); nothing was left behind: free some space or choose another -o",
+                  file=sys.stderr)
+            return 2
         print(f"spac-export: error: writing the package failed: {error}; nothing was left behind", file=sys.stderr)
         return 1
     print(summary(result))

@@ -27,6 +27,9 @@ experts), so most parts only say where a module sits and how its tensors are lai
   attention   the attention function the trunk is exported with: spac's grouped eager attention
               (GQA and MLA alike; sliding windows, q/k norms and partial rotary are the model's
               module) or transformers' "eager", for attention sinks.
+  norms       where a layer's norms sit (NORM_PLACEMENTS): "pre", x + attn(norm(x)) then
+              x + mlp(norm(x)); or "post" (OLMo-2, FlexOlmo), x + norm(attn(x)) then
+              x + norm(mlp(x)), whose norm after the routed experts' sum runs in a graph of its own.
 
 A family in FAMILIES is a table entry. A family not in the table is recognised from its
 config and its modules (built on the meta device: no weights are read); a part the exporter does
@@ -56,6 +59,11 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 RECURRENT_LAYER_TYPES = ("linear_attention", "mamba")
 # Where a complex rotary embedding's queries have their heads (see attention.RealComplex).
 COMPLEX_ROTARY_HEADS_AXIS = {"complex": 1, "complex_tokens_first": 2}
+# Norm placement -> the decoder layer's modules.
+NORM_PLACEMENTS = {
+    "pre": frozenset({"self_attn", "input_layernorm", "post_attention_layernorm", "mlp"}),
+    "post": frozenset({"self_attn", "post_attention_layernorm", "post_feedforward_layernorm", "mlp"}),
+}
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -110,6 +118,7 @@ class Family:
     windows: str | None = None
     rotary: str = "cos_sin"
     attention: str = ATTENTION
+    norms: str = "pre"
     moe: bool = True
 
     def mlp_of(self, layer: nn.Module) -> nn.Module:
@@ -126,15 +135,16 @@ class Family:
         return COMPLEX_ROTARY_HEADS_AXIS.get(self.rotary)
 
     def route(self, router: nn.Module, flat: torch.Tensor):
-        """(The routed experts' input [T, H], top-k expert ids and weights [T, k]), exactly as the
-        model's router computes them."""
+        """(The routed experts' input [T, H], top-k expert ids and weights [T, k], the router's
+        logits of every expert [T, E]), exactly as the model's router computes them. The logits
+        rank the experts a self-drafting runtime may substitute for one it does not hold."""
         if self.scales == "input":  # Llama 4: scores [T, E], sigmoid of the top-1 logit, else 0
             scores, logits = router(flat)
             ids = torch.topk(logits, 1, dim=1).indices
             weight = scores.gather(1, ids)
-            return flat * weight, ids, torch.ones_like(weight)
-        _, weights, ids = router(flat)
-        return flat, ids, weights
+            return flat * weight, ids, torch.ones_like(weight), logits
+        logits, weights, ids = router(flat)
+        return flat, ids, weights, logits
 
     def unsupported(self, config) -> str | None:
         """Why this config of the family cannot be exported, or None."""
@@ -142,6 +152,10 @@ class Family:
             return (f"num_experts_per_tok {config.num_experts_per_tok}: its router scales each expert's input, "
                     "so only top-1 routing gives every expert the same input (valid: 1)")
         return None
+
+    @property
+    def post_norms(self) -> bool:
+        return self.norms == "post"
 
     @staticmethod
     def shared_modules(mlp: nn.Module) -> nn.ModuleDict:
@@ -196,6 +210,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family("qwen2_moe", windows="layer_types"),
     "qwen3_moe": Family("qwen3_moe", windows="all"),
     "olmoe": Family("olmoe"),
+    "flex_olmo": Family("flex_olmo", norms="post"),
     "deepseek_v2": Family("deepseek_v2", rotary="complex"),
     "deepseek_v3": Family("deepseek_v3"),
     "dots1": Family("dots1", windows="layer_types"),
@@ -274,28 +289,34 @@ def _parts(model, config) -> Family:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise UnknownPart("the model has no `model.layers` decoder stack")
-    for layer in layers:
-        _check_layer(layer)
+    (norms, *others) = {_norm_placement(layer) for layer in layers}
+    if others:
+        raise UnknownPart("decoder layers mix pre-norm and post-norm placements")
     moe = [layer for layer in layers if hasattr(layer.mlp, "experts")]
     if not moe:
         raise UnknownPart("no decoder layer has an `mlp` with routed `experts`")
     routers = {_router_part(layer.mlp, config) for layer in moe}
+    if norms == "post" and any(Family.shared_modules(layer.mlp) for layer in moe):
+        raise UnknownPart("shared experts in a post-norm layer (their output would enter the norm after the "
+                          "routed experts' sum)")
     for layer in moe:
         _check_experts(layer.mlp.experts)
     attention = "eager" if any(hasattr(layer.self_attn, "sinks") for layer in layers) else ATTENTION
     windows = "layer_types" if getattr(config, "layer_types", None) else None
     (router,) = routers
-    return Family(config.model_type, router=router, windows=windows, rotary=_rotary_part(model), attention=attention)
+    return Family(config.model_type, router=router, windows=windows, rotary=_rotary_part(model), attention=attention,
+                  norms=norms)
 
 
-def _check_layer(layer: nn.Module) -> None:
-    """A pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)). A norm after the MoE
-    block (OLMo-2's post_feedforward_layernorm) would have to follow the routed experts' sum,
-    which the runtime adds to the residual as it is."""
+def _norm_placement(layer: nn.Module) -> str:
+    """The layer's key in NORM_PLACEMENTS, known from the modules it holds."""
     children = [name for name, _ in layer.named_children()]
-    if set(children) != {"self_attn", "input_layernorm", "post_attention_layernorm", "mlp"}:
+    placement = next((name for name, modules in NORM_PLACEMENTS.items() if set(children) == modules), None)
+    if placement is None:
+        known = "; ".join(f"{', '.join(sorted(modules))} ({name}-norm)" for name, modules in NORM_PLACEMENTS.items())
         raise UnknownPart(f"unknown decoder layer {type(layer).__name__} (modules: {', '.join(children)}; known: "
-                          "self_attn, input_layernorm, mlp, post_attention_layernorm as a pre-norm layer)")
+                          f"{known})")
+    return placement
 
 
 def _router_part(mlp: nn.Module, config) -> str:

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ import yaml
 from spac.ops.expert_graph import DTYPES, build_expert_graph, expert_tensors
 from spac.runtime.manifest import EXPERT_FILE_PATTERN, MANIFEST, PRODUCER, current_umask, write_package_manifest
 
+from .checkpoint import StreamedModel, refuse_quantized
 from .families import ExportError, Family, family_for
 from .trunk import export_trunk
 
@@ -37,7 +39,7 @@ log = logging.getLogger("spac.export")
 @dataclass
 class ExportOptions:
     model_dir: Path
-    draft_dir: Path
+    draft_dir: Path | None  # None: a package without a draft model
     output: Path
     dtype: str = "float32"
     force: bool = False
@@ -86,7 +88,7 @@ def _declared_model_type(path: Path) -> str | None:
     return model_type if isinstance(model_type, str) else None
 
 
-def check_output(output: Path, force: bool, model_dir: Path, draft_dir: Path) -> None:
+def check_output(output: Path, force: bool, model_dir: Path, draft_dir: Path | None) -> None:
     """Refuse an output the export must not create or replace; `output` is absolute."""
     if not output.name:
         raise ExportError(f"output {output} has no folder name; give the package folder to create, "
@@ -95,6 +97,8 @@ def check_output(output: Path, force: bool, model_dir: Path, draft_dir: Path) ->
         raise ExportError(f"output {output} is a symbolic link; give the folder itself")
     resolved = output.resolve()
     for role, source in (("model", model_dir), ("draft", draft_dir)):
+        if source is None:
+            continue
         source = source.resolve()
         if source == resolved or resolved in source.parents:
             relation = "is" if source == resolved else "contains"
@@ -168,7 +172,14 @@ def _tokenizer_vocab(path: Path):
     return json.loads(file.read_text())["model"].get("vocab") if file.is_file() else None
 
 
-def load_model(path: Path, dtype: str, family: Family):
+def load_model(path: Path, dtype: str, family: Family, config) -> StreamedModel:
+    """The model's skeleton, its checkpoint opened and checked; weights are read part by part."""
+    refuse_quantized(path, config)
+    return StreamedModel(path, config, TORCH_DTYPES[dtype], family)
+
+
+def load_reference(path: Path, dtype: str, family: Family):
+    """The whole model in memory through transformers, for the final comparison."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation=family.attention)
@@ -182,29 +193,32 @@ def model_section(family: Family, model, trunk: dict, prefix: str) -> dict:
     if family.moe:
         dims.update(family.moe_dims(config))
     for layer in trunk["layers"]:
-        layer["file"] = f"{prefix}/{layer['file']}"
+        for graph in ("file", "post_experts"):
+            if graph in layer:
+                layer[graph] = f"{prefix}/{layer[graph]}"
     return {"architecture": config.architectures[0], "model_type": config.model_type, "dims": dims,
             "embed": f"{prefix}/{trunk['embed']}", "head": f"{prefix}/{trunk['head']}", "layers": trunk["layers"]}
 
 
-def export_experts(family: Family, model, root: Path, dtype: str, moe_layers: list[int], bar) -> dict:
-    """One .onnx + .data pair per routed expert. Each expert's weights are sliced from the loaded
-    layer (a view) and written straight out, so no second copy of a layer is ever held."""
-    config = model.config
+def export_experts(family: Family, source: StreamedModel, root: Path, dtype: str, moe_layers: list[int], bar) -> dict:
+    """One .onnx + .data pair per routed expert, each read from the checkpoint alone and written
+    straight out, so memory holds one expert at a time. The graph is the same for every expert
+    of a layer: built once per shape, it names its own expert's .data file."""
+    config = source.config
     dims = family.moe_dims(config)
     spec = family.expert_spec(config)
     hidden, intermediate = config.hidden_size, dims["expert_intermediate_size"]
     tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype)
     pattern = EXPERT_FILE_PATTERN
     for layer in moe_layers:
-        experts = family.mlp_of(model.model.layers[layer]).experts
         (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
         for expert in range(dims["num_experts"]):
             base = root / pattern.format(layer=layer, expert=expert)
-            weights = family.expert_weights(experts, expert)
-            with open(base.with_suffix(".data"), "wb") as out:
-                for tensor in tensors:
-                    out.write(weights[tensor.name].astype(DTYPES[dtype][0], copy=False).tobytes())
+            with source.expert(layer, expert) as experts:
+                weights = family.expert_weights(experts, 0)
+                with open(base.with_suffix(".data"), "wb") as out:
+                    for tensor in tensors:
+                        out.write(weights[tensor.name].astype(DTYPES[dtype][0], copy=False).tobytes())
             graph = build_expert_graph(spec, hidden, intermediate, dtype, data_file=base.name + ".data")
             (base.with_suffix(".onnx")).write_bytes(graph.SerializeToString())
             bar.update(1)
@@ -212,7 +226,7 @@ def export_experts(family: Family, model, root: Path, dtype: str, moe_layers: li
             "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern}
 
 
-def tokenizer_section(model_dir: Path, root: Path, model) -> dict:
+def tokenizer_section(model_dir: Path, root: Path, model_config) -> dict:
     files = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     if "tokenizer.json" not in files:
         raise ExportError(f"{model_dir} has no tokenizer.json: the runtime needs a fast (tokenizers) tokenizer")
@@ -223,13 +237,22 @@ def tokenizer_section(model_dir: Path, root: Path, model) -> dict:
     template = config.get("chat_template")
     if "chat_template.jinja" in files:
         template = (model_dir / "chat_template.jinja").read_text()
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    eos = eos if eos is not None else model.config.eos_token_id
+    eos = _generation_config(model_dir, model_config).eos_token_id
+    eos = eos if eos is not None else model_config.eos_token_id
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return {"files": [f"tokenizer/{name}" for name in files], "eos_token_ids": eos_ids,
-            "bos_token_id": model.config.bos_token_id, "chat_template": template,
+            "bos_token_id": model_config.bos_token_id, "chat_template": template,
             "bos_token": config.get("bos_token"), "eos_token": config.get("eos_token"),
             "generation": generation_defaults(model_dir)}
+
+
+def _generation_config(model_dir: Path, config):
+    """generation_config.json as from_pretrained reads it, else the one the config implies."""
+    from transformers import GenerationConfig
+
+    if (model_dir / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(model_dir)
+    return GenerationConfig.from_model_config(config)
 
 
 # generation_config.json's keys the runtime's sampler reads as its defaults.
@@ -244,51 +267,63 @@ def generation_defaults(model_dir: Path) -> dict:
 
 
 def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
-    """The whole export. `verify_fn(package_dir, model, draft)` returns the verification report."""
+    """The whole export. `verify_fn(package_dir, model, draft)` returns the verification report.
+    Without a draft directory the package has `draft: null` and no draft graphs."""
     from tqdm import tqdm
 
     started = time.perf_counter()
-    model_dir, draft_dir = Path(options.model_dir), Path(options.draft_dir)
+    model_dir = Path(options.model_dir)
+    draft_dir = Path(options.draft_dir) if options.draft_dir is not None else None
     output = Path(os.path.abspath(options.output))  # "-o ." and "-o pkg/.." name their folder
     if options.dtype not in TORCH_DTYPES:
         raise ExportError(f"--dtype {options.dtype!r} is not supported; valid: {', '.join(TORCH_DTYPES)}")
     check_output(output, options.force, model_dir, draft_dir)
-    config, draft_config = read_config(model_dir, "model"), read_config(draft_dir, "draft")
-    family, draft_family = family_for(config, draft=False), family_for(draft_config, draft=True)
-    check_vocabularies(model_dir, draft_dir, config, draft_config)
+    config = read_config(model_dir, "model")
+    family = family_for(config, draft=False)
+    if draft_dir is not None:
+        draft_config = read_config(draft_dir, "draft")
+        draft_family = family_for(draft_config, draft=True)
+        check_vocabularies(model_dir, draft_dir, config, draft_config)
 
     removed = remove_stale_exports(output)
     if removed:
         log.warning("removed %d folders left by killed exports of %s: %s", len(removed), output.name,
                     ", ".join(removed))
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
-    try:
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the package should not be
-        model, draft = load_model(model_dir, options.dtype, family), load_model(draft_dir, options.dtype, draft_family)
-        moe_layers = [i for i, layer in enumerate(model.model.layers) if family.is_moe_layer(layer)]
-        if not moe_layers:
-            raise ExportError(f"{model_dir} has no Mixture-of-Experts layer; spac needs an MoE target model")
-        num_experts = family.moe_dims(config)["num_experts"]
-        total = config.num_hidden_layers + draft_config.num_hidden_layers + len(moe_layers) * num_experts
-        with tqdm(total=total, desc="export", unit="part", disable=not options.progress) as bar:
-            sections = {}
-            for name, fam, mdl in (("target", family, model), ("draft", draft_family, draft)):
-                (tmp / name).mkdir()
-                trunk = export_trunk(fam, mdl, tmp / name, lambda label: bar.update(1))
-                sections[name] = model_section(fam, mdl, trunk, name)
-            sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar)
-        tokenizer = tokenizer_section(model_dir, tmp, model)
-        manifest = write_package_manifest(tmp, {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name},
-                                          options.dtype, tokenizer, **sections)
-        verification = verify_fn(tmp, model, draft) if (options.verify and verify_fn) else {}
-        if verification and not verification["passed"]:
-            raise ExportError(f"the exported graphs do not reproduce the model's logits: max abs difference "
-                              f"{max(verification['target_max_abs_diff'], verification['draft_max_abs_diff']):.3g} "
-                              f"> tolerance {verification['tolerance']:g}; nothing was written")
-        _replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with ExitStack() as sources:
+        try:
+            tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the package should not be
+            model = sources.enter_context(closing(load_model(model_dir, options.dtype, family, config)))
+            draft = (sources.enter_context(closing(load_model(draft_dir, options.dtype, draft_family, draft_config)))
+                     if draft_dir is not None else None)
+            moe_layers = [i for i, layer in enumerate(model.model.model.layers) if family.is_moe_layer(layer)]
+            if not moe_layers:
+                raise ExportError(f"{model_dir} has no Mixture-of-Experts layer; spac needs an MoE target model")
+            num_experts = family.moe_dims(config)["num_experts"]
+            models = [("target", family, model)] + ([("draft", draft_family, draft)] if draft is not None else [])
+            total = sum(source.config.num_hidden_layers for _, _, source in models) + len(moe_layers) * num_experts
+            with tqdm(total=total, desc="export", unit="part", disable=not options.progress) as bar:
+                sections = {"draft": None}
+                for name, fam, source in models:
+                    (tmp / name).mkdir()
+                    trunk = export_trunk(fam, source, tmp / name, lambda label: bar.update(1))
+                    sections[name] = model_section(fam, source.model, trunk, name)
+                sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar)
+            tokenizer = tokenizer_section(model_dir, tmp, config)
+            source_names = {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name if draft_dir else None}
+            manifest = write_package_manifest(tmp, source_names, options.dtype, tokenizer, **sections)
+            verification = {}
+            if options.verify and verify_fn:
+                verification = verify_fn(tmp, load_reference(model_dir, options.dtype, family),
+                                         load_reference(draft_dir, options.dtype, draft_family) if draft_dir else None)
+            if verification and not verification["passed"]:
+                worst = max(verification["target_max_abs_diff"], verification["draft_max_abs_diff"] or 0.0)
+                raise ExportError(f"the exported graphs do not reproduce the model's logits: max abs difference "
+                                  f"{worst:.3g} > tolerance {verification['tolerance']:g}; nothing was written")
+            _replace(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return ExportResult(output, manifest, time.perf_counter() - started, verification)
 
 

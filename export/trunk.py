@@ -9,11 +9,18 @@ Graphs and their interfaces (batch is always 1; T new tokens, P cached positions
           (a complex rotary embedding travels as its real and imaginary parts)
   layer:  hidden[1,T,H], rope_cos, rope_sin, past_* -> (dense)  hidden_out[1,T,H], present_*
                                            -> (moe)    residual[1,T,H], moe_input[T,H],
-                                                       topk_ids[T,k] int64, topk_weights[T,k], present_*
+                                                       topk_ids[T,k] int64, topk_weights[T,k],
+                                                       router_logits[T,E], present_*
           where for MoE layers residual already holds the attention residual plus the shared
           experts, so the runtime only adds the weighted routed-expert outputs. moe_input is
           the routed experts' input: the normed hidden state, or for a router that scales the
           input (Llama 4) that state times the top-1 weight, with topk_weights then 1.
+          router_logits are the router's raw scores of every expert: a self-drafting runtime
+          ranks the experts it holds by them to stand in for one it does not.
+  post_experts (post-norm families only, one per MoE layer):
+          residual[1,T,H], routed[1,T,H] -> hidden_out[1,T,H], the residual plus the layer's norm
+          of the weighted routed-expert sum (a norm is not linear, so it cannot be folded into
+          the next graph's input)
   head:   hidden[1,T,H] -> logits[1,T,V]
 """
 
@@ -30,8 +37,10 @@ from torch import nn
 from spac.ops.expert_graph import OPSET
 
 from .attention import RealComplex, real_rotary
+from .checkpoint import StreamedModel
 from .families import Family
 from .fusion import fuse_rms_norms, fuse_sibling_matmuls
+from .stamping import make_template, structure_key
 
 # Opset 20 runs on ONNX Runtime >= 1.20 (JetPack 6). Opset 23's fused Attention and
 # RMSNormalization nodes decoded no faster here (A/B in bench_runtime: 0.99-1.00x), and their
@@ -105,9 +114,13 @@ class LayerGraph(nn.Module):
         self.chunk = family.attention_chunk(model.config, index)
         self.rotary_heads_axis = family.complex_rotary_heads_axis
         self.is_moe = family.is_moe_layer(layer)
-        self.input_layernorm = layer.input_layernorm
+        self.post_norms = family.post_norms
+        # Pre-norm layers normalise what enters attention and the MLP; post-norm layers what
+        # leaves them (OLMo-2).
+        self.input_layernorm = nn.Identity() if self.post_norms else layer.input_layernorm
         self.self_attn = layer.self_attn
         self.post_attention_layernorm = layer.post_attention_layernorm
+        self.post_feedforward_layernorm = layer.post_feedforward_layernorm if self.post_norms else nn.Identity()
         mlp = family.mlp_of(layer)
         if self.is_moe:
             self.router = family.router_of(mlp)
@@ -119,20 +132,34 @@ class LayerGraph(nn.Module):
         rotary = (cos, sin) if self.rotary_heads_axis is None else RealComplex(cos, sin, self.rotary_heads_axis)
         attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=rotary,
                                  attention_mask=mask, cache=cache)
+        if self.post_norms:
+            return hidden + self.post_attention_layernorm(attn)
         return hidden + attn
 
     def forward(self, hidden, cos, sin, past_first, past_second):
         cache = ExplicitKV((past_first, past_second))
         mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype, self.chunk)
         residual = self.attend(hidden, cos, sin, cache, mask)
-        moe_input = self.post_attention_layernorm(residual)
+        moe_input = residual if self.post_norms else self.post_attention_layernorm(residual)
         if not self.is_moe:
-            return (residual + self.mlp(moe_input), *cache.present)
+            return (residual + self.post_feedforward_layernorm(self.mlp(moe_input)), *cache.present)
         flat = moe_input.reshape(-1, moe_input.shape[-1])
-        routed_input, topk_ids, topk_weights = self.family.route(self.router, flat)
+        routed_input, topk_ids, topk_weights, router_logits = self.family.route(self.router, flat)
         if self.shared:  # (an add of zeros would cost a decode step four nodes)
             residual = residual + self.family.shared_output(self.shared, flat).reshape(residual.shape)
-        return residual, routed_input, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype), *cache.present
+        return (residual, routed_input, topk_ids.to(torch.int64), topk_weights.to(hidden.dtype),
+                router_logits.to(hidden.dtype), *cache.present)
+
+
+class PostExpertsGraph(nn.Module):
+    """A post-norm MoE layer's end: the residual plus the norm of the routed experts' sum."""
+
+    def __init__(self, layer_graph: LayerGraph):
+        super().__init__()
+        self.norm = layer_graph.post_feedforward_layernorm
+
+    def forward(self, residual, routed):
+        return residual + self.norm(routed)
 
 
 class HeadGraph(nn.Module):
@@ -145,19 +172,16 @@ class HeadGraph(nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
-def kv_shapes(layer_graph: LayerGraph, embed: EmbedGraph) -> list[list[int]]:
+def kv_shapes(layer_graph: LayerGraph, hidden, cos, sin) -> list[list[int]]:
     """Shapes [1, heads, 0, dim] of a layer's two cache tensors, found by running it on one token."""
-    ids = torch.zeros(1, 1, dtype=torch.long)
-    hidden, cos, sin = embed(ids, ids)
     recorder = ExplicitKV(None)
     with torch.no_grad():
         layer_graph.attend(hidden, cos, sin, recorder)
     return [[1, t.shape[1], 0, t.shape[3]] for t in recorder.present]
 
 
-def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path) -> None:
-    """torch.onnx dynamo export of one wrapper module to `path`, its RMS norms and sibling
-    projections fused (see fusion.py); weights inside, or beside it past protobuf's 2 GB cap."""
+def trace_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes) -> onnx.ModelProto:
+    """torch.onnx dynamo export of one wrapper module, its RMS norms fused (see fusion.py)."""
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -165,7 +189,12 @@ def export_graph(module: nn.Module, args: tuple, input_names, output_names, dyna
             output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
         )
     fuse_rms_norms(program.model)
-    model = program.model_proto
+    return program.model_proto
+
+
+def save_graph(model: onnx.ModelProto, path) -> None:
+    """Fuse sibling projections (see fusion.py) and write the graph: weights inside, or beside
+    it past protobuf's 2 GB cap."""
     fuse_sibling_matmuls(model)
     # Protobuf caps a file at 2 GB: a bigger graph keeps its weights in a file beside it, as
     # torch.onnx's own save does (the manifest lists every file of the package).
@@ -173,36 +202,72 @@ def export_graph(module: nn.Module, args: tuple, input_names, output_names, dyna
     onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
 
 
-def export_trunk(family: Family, model, out_dir, progress) -> dict:
-    """Export embed, every layer and head of `model` into out_dir; returns the manifest section."""
+def export_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, path) -> None:
+    save_graph(trace_graph(module, args, input_names, output_names, dynamic_shapes), path)
+
+
+def export_trunk(family: Family, source: StreamedModel, out_dir, progress) -> dict:
+    """Export embed, every layer and head of `source` into out_dir, filling one part of the model
+    at a time; returns the manifest section."""
+    model = source.model
     # Distinct example tensors: the exporter aliases inputs given as the same tensor object.
     example_ids, example_positions = torch.tensor([[7, 3, 5]]), torch.arange(3)[None]
-    embed = EmbedGraph(family, model)
-    export_graph(embed, (example_ids, example_positions), ["input_ids", "position_ids"],
-                 ["hidden", "rope_cos", "rope_sin"], {"input_ids": {1: NEW_TOKENS}, "position_ids": {1: NEW_TOKENS}},
-                 out_dir / "embed.onnx")
-    _, cos, sin = embed(example_ids, example_positions)
+    with source.part("model.embed_tokens."):
+        embed = EmbedGraph(family, model)
+        export_graph(embed, (example_ids, example_positions), ["input_ids", "position_ids"],
+                     ["hidden", "rope_cos", "rope_sin"], {"input_ids": {1: NEW_TOKENS}, "position_ids": {1: NEW_TOKENS}},
+                     out_dir / "embed.onnx")
+        with torch.no_grad():
+            _, cos, sin = embed(example_ids, example_positions)
+            one_token = embed(example_ids[:, :1], example_positions[:, :1])
     rotary = nullcontext() if not embed.complex_rotary else real_rotary(model.model.layers[0].self_attn)
+    templates = {}
     with rotary:
-        layers = [export_layer(LayerGraph(family, model, index), embed, cos, sin, out_dir, progress)
-                  for index in range(model.config.num_hidden_layers)]
-    export_graph(HeadGraph(model), (torch.zeros(1, 3, model.config.hidden_size, dtype=model.dtype),), ["hidden"],
-                 ["logits"], {"hidden": {1: NEW_TOKENS}}, out_dir / "head.onnx")
+        layers = []
+        for index in range(model.config.num_hidden_layers):
+            with source.part(f"model.layers.{index}."):
+                layers.append(export_layer(LayerGraph(family, model, index), one_token, cos, sin, out_dir, templates))
+            progress(f"layer {index}")
+    with source.part("model.norm.", "lm_head."):
+        export_graph(HeadGraph(model), (torch.zeros(1, 3, model.config.hidden_size, dtype=source.dtype),), ["hidden"],
+                     ["logits"], {"hidden": {1: NEW_TOKENS}}, out_dir / "head.onnx")
     return {"embed": "embed.onnx", "head": "head.onnx", "layers": layers}
 
 
-def export_layer(layer_graph: LayerGraph, embed: EmbedGraph, cos, sin, out_dir, progress) -> dict:
-    """Export one layer graph; returns its manifest entry."""
-    shapes = kv_shapes(layer_graph, embed)
-    dtype = embed.embed_tokens.weight.dtype
+def export_layer(layer_graph: LayerGraph, one_token, cos, sin, out_dir, templates: dict) -> dict:
+    """Write one layer's graphs, each stamped from the template of its structure; returns the
+    layer's manifest entry."""
+    shapes = kv_shapes(layer_graph, *one_token)
+    dtype = one_token[0].dtype
     past = tuple(torch.zeros(s[0], s[1], 2, s[3], dtype=dtype) for s in shapes)
-    hidden = torch.zeros(1, 3, embed.embed_tokens.weight.shape[1], dtype=dtype)
-    outputs = ["residual", "moe_input", "topk_ids", "topk_weights"] if layer_graph.is_moe else ["hidden_out"]
+    hidden = torch.zeros(1, 3, one_token[0].shape[-1], dtype=dtype)
+    outputs = (["residual", "moe_input", "topk_ids", "topk_weights", "router_logits"] if layer_graph.is_moe
+               else ["hidden_out"])
     dyn = {"hidden": {1: NEW_TOKENS}, "cos": {1: NEW_TOKENS}, "sin": {1: NEW_TOKENS}, "past_first": {2: PAST},
            "past_second": {2: PAST}}
+
+    def trace(module):
+        return trace_graph(module, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first",
+                                                                "past_second"],
+                           [*outputs, "present_first", "present_second"], dyn)
+
     file = f"layer_{layer_graph.index:03d}.onnx"
-    export_graph(layer_graph, (hidden, cos, sin, *past), ["hidden", "rope_cos", "rope_sin", "past_first", "past_second"],
-                 [*outputs, "present_first", "present_second"], dyn, out_dir / file)
-    progress(f"layer {layer_graph.index}")
-    return {"index": layer_graph.index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
-            "sliding_window": layer_graph.window, "kv_shapes": shapes}
+    write_stamped(layer_graph, trace, templates, out_dir / file)
+    entry = {"index": layer_graph.index, "kind": "moe" if layer_graph.is_moe else "dense", "file": file,
+             "sliding_window": layer_graph.window, "kv_shapes": shapes}
+    if layer_graph.is_moe and layer_graph.post_norms:
+        entry["post_experts"] = f"layer_{layer_graph.index:03d}_post.onnx"
+        write_stamped(PostExpertsGraph(layer_graph), lambda module: trace_graph(
+            module, (hidden, hidden.clone()), ["residual", "routed"], ["hidden_out"],
+            {"residual": {1: NEW_TOKENS}, "routed": {1: NEW_TOKENS}}), templates, out_dir / entry["post_experts"])
+    return entry
+
+
+def write_stamped(module: nn.Module, trace, templates: dict, path) -> None:
+    """Write `module`'s graph, stamped from the template of its structure (`trace(module)` on
+    the structure's first use; traced each time if its weights cannot be stamped)."""
+    key = structure_key(module)
+    if key not in templates:
+        templates[key] = make_template(module, trace)
+    template = templates[key]
+    save_graph(template.stamp(module) if template else trace(module), path)

@@ -1,7 +1,7 @@
 """Routed-expert execution for one MoE layer: group the batch's tokens by expert, run each
 activated expert's subgraph on the execution provider its plan names, combine with the routing
 weights. `Experts` is what the runtime asks of an expert stack: ResidentExperts (here) and
-spac.ops.pager.PagedExperts implement it.
+spac.ops.pager.PagedExperts implement it; spac.ops.self_draft.SelfDraftExperts drafts over one.
 
 Sessions are created once (at load), never on the hot path: session creation costs tens of ms.
 """
@@ -23,8 +23,19 @@ class Experts(Protocol):
     policy: str  # the paging policy, or "resident"
     stats: ExpertStats  # since the last reset_stats()
 
-    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
-        """The routed experts' weighted sum for the rows of `x` ([T, hidden])."""
+    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
+            router_logits: np.ndarray | None = None) -> np.ndarray:
+        """The routed experts' weighted sum for the rows of `x` ([T, hidden]). `router_logits`
+        ([T, experts]) rank every expert, for a stack that substitutes one it does not hold."""
+
+    def run_resident(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        """The same sum from the experts held in fast memory only, for a draft: never reads
+        storage, counts nothing; an id < 0 is an empty slot, and an expert that is not held
+        (any more) adds nothing."""
+
+    def lookahead(self, layer: int, experts: Sequence[int]) -> None:
+        """A draft wanted these experts of `layer` and did not have them: the next (verify) pass
+        will, so they are the first to prefetch."""
 
     def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0) -> None:
         """A forward pass of the target ended (prefill, a plain decode step or a verify pass).
@@ -51,6 +62,17 @@ def group_by_expert(topk_ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndar
     for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
         groups[int(experts[start])] = (rows[start:stop], slots[start:stop])
     return groups
+
+
+def weighted_sum(x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray, compute) -> np.ndarray:
+    """Σ over each row's routed experts of its weight × compute(expert, rows of x), in ascending
+    expert order; ids < 0 are empty slots and compute() returning None adds nothing."""
+    out = np.zeros_like(x)
+    for expert, (rows, slots) in group_by_expert(topk_ids).items():
+        y = compute(expert, x[rows]) if expert >= 0 else None
+        if y is not None:
+            out[rows] += y * topk_weights[rows, slots, None]
+    return out
 
 
 class ResidentExperts:
@@ -89,27 +111,33 @@ class ResidentExperts:
     def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0) -> None:
         """Nothing to do: every expert stays where it is."""
 
+    def lookahead(self, layer: int, experts: Sequence[int]) -> None:
+        """Nothing to fetch: every expert is held."""
+
     def close(self) -> None:
         self.sessions.clear()
 
-    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
+            router_logits: np.ndarray | None = None) -> np.ndarray:
+        out = self.run_resident(layer, x, topk_ids, topk_weights)
+        self._count(topk_ids.shape[1] if len(x) == 1 else len(np.unique(topk_ids)), topk_ids.size)
+        return out
+
+    def run_resident(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
         if len(x) == 1:
             return self._run_one_token(layer, x, topk_ids[0], topk_weights[0])
-        out = np.zeros_like(x)
-        groups = group_by_expert(topk_ids)
-        for expert, (rows, slots) in groups.items():
-            out[rows] += self._session(layer, expert).run(None, {"x": x[rows]})[0] * topk_weights[rows, slots, None]
-        self._count(len(groups), topk_ids.size)
-        return out
+        return weighted_sum(x, topk_ids, topk_weights,
+                            lambda expert, rows: self._session(layer, expert).run(None, {"x": rows})[0])
 
     def _run_one_token(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Decode's case, without the grouping: a quarter of a decode step's Python time went there."""
         out = np.zeros_like(x)
         for slot in np.argsort(ids, kind="stable"):  # ascending expert order, as transformers sums
+            if ids[slot] < 0:  # a draft's empty slot
+                continue
             y = self._session(layer, int(ids[slot])).run(None, {"x": x})[0]
             y *= weights[slot]
             out += y
-        self._count(len(ids), len(ids))
         return out
 
     def _session(self, layer: int, expert: int):

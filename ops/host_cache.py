@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .read_pool import READ_TIMEOUT_S, wait
 from .stats import PagingStats
 
 POLICIES = ("lru", "static", "spac")
@@ -58,15 +59,23 @@ class HostCache:
         with self.lock:
             return {expert for (slot_layer, expert) in self.slots if slot_layer == layer}
 
+    def peek(self, key) -> dict | None:
+        """The expert's weights if cached, else None: no waiting, no stats, no change of order
+        (a draft's look, which must not count as, or reorder for, the target's use)."""
+        with self.lock:
+            slot = self.slots.get(key)
+        return None if slot is None else slot.weights
+
     def get(self, key) -> dict | None:
         """The expert's weights (waiting for the prefetcher if it is reading them right now), or
-        None on a miss."""
+        None on a miss. A prefetch read that hangs counts as a miss after READ_TIMEOUT_S: the
+        caller then reads the file itself, and its own wait names the file when it hangs too."""
         with self.lock:
             slot = self.slots.get(key)
             event = self.in_flight.get(key) if slot is None else None
         if slot is None and event is not None:
             started = time.perf_counter()
-            event.wait()
+            wait(event.wait, READ_TIMEOUT_S)
             self.paging.stall_seconds += time.perf_counter() - started
             with self.lock:
                 slot = self.slots.get(key)

@@ -13,19 +13,22 @@ round's prefetches queued and the balancer's next plan requested, all while the 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 
 from .device_slots import DeviceSlots
-from .experts import ExpertKernel, group_by_expert
+from .experts import ExpertKernel, group_by_expert, weighted_sum
 from .host_cache import HostCache, PassPosition
 from .prefetcher import Prefetcher
+from .read_pool import ReadPool, result
 from .stats import ExpertStats, PagingStats
 from .storage import ExpertFiles
 
 READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants several in flight)
+# A draft's lookahead outranks every utility: the verify pass will route to these experts. Once
+# cached they are not given up for another prefetch until the next round's utilities come.
+LOOKAHEAD_UTILITY = float("inf")
 
 
 class PagedExperts:
@@ -33,11 +36,12 @@ class PagedExperts:
 
     def __init__(self, manifest, sessions, budget_bytes: int, policy: str = "spac", estimator=None,
                  frequencies: np.ndarray | None = None, verify=None, device: DeviceSlots | None = None,
-                 planner=None, reader=None, lookahead=None):
+                 planner=None, reader=None, layer_lookahead=None):
         """`device` is the GPU tier and `planner` the workload balancer (plan_for(layer, counts,
         resident, free_slots) -> LayerPlan); without them every expert runs on the CPU. `reader`
-        reads whole expert files (spac.ops.direct_io.DirectReader; None: pread); `lookahead`
-        (spac.ops.lookahead.Lookahead, with the spac policy) reads guessed experts early."""
+        reads whole expert files (spac.ops.direct_io.DirectReader; None: pread);
+        `layer_lookahead` (spac.ops.lookahead.Lookahead, with the spac policy) reads the experts
+        the next layers' routers guess early."""
         if policy == "spac" and estimator is None:
             raise ValueError("the spac policy needs a utility estimator")
         self.policy, self.estimator = policy, estimator
@@ -52,18 +56,20 @@ class PagedExperts:
         self.host = HostCache(policy, self.capacity, self.position, self.stats.paging)
         self.counts = np.zeros((max(self.moe_layers) + 1, self.num_experts), dtype=np.int64)
         self.routing_totals = np.zeros_like(self.counts)
+        self.readers = ReadPool(READ_THREADS, "spac-read")
         if policy == "static":
             self.host.fill_static(self.files.read, frequencies, self.moe_layers, self.num_experts)
         self.device, self.planner = device, planner
-        self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="spac-read")
-        self.prefetcher = (Prefetcher(self.host, self._read, self._admit, self.position, self.stats.paging)
+        self.prefetcher = (Prefetcher(self.host, self._read, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
-        self.lookahead = lookahead if self.prefetcher is not None else None
+        self.looked_ahead: set[tuple[int, int]] = set()  # asked for by this round's draft
+        self.layer_lookahead = layer_lookahead if self.prefetcher is not None else None
 
     @staticmethod
     def read_buffers(expert_bytes: int) -> int:
         """The most expert reads in flight or held outside the cache at once: a layer's reads
-        ahead, the one being computed, the prefetcher's."""
+        ahead (one per reader thread), the one being computed, the prefetcher's. A self-draft
+        computes from the cache only and adds none."""
         return (READ_THREADS + 2) * expert_bytes
 
     def reset_stats(self) -> None:
@@ -83,22 +89,23 @@ class PagedExperts:
         """`hidden` ([T, H]) is the residual stream `distance` layers before MoE layer `layer`'s
         input: queue reads of the experts its router would pick from it. A guess ranks by its
         expert's utility plus its share of the batch, so it evicts only slots worth less."""
-        if self.lookahead is None:
+        if self.layer_lookahead is None:
             return
         utilities = self.estimator.utilities()
         wanted = [((layer, expert), float(utilities[layer, expert]) + share)
-                  for expert, share in self.lookahead.guess(layer, hidden, distance)
+                  for expert, share in self.layer_lookahead.guess(layer, hidden, distance)
                   if (layer, expert) not in self.host]
-        self.lookahead.read_early += len(wanted)
+        self.layer_lookahead.read_early += len(wanted)
         self.prefetcher.add(wanted)
 
-    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+    def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
+            router_logits: np.ndarray | None = None) -> np.ndarray:
         if self.prefetcher is not None:
             self.prefetcher.raise_error()
         self.position.layer = layer
         paging = self.stats.paging
         groups = group_by_expert(topk_ids)
-        if self.lookahead is not None:
+        if self.layer_lookahead is not None:
             self._score_guesses(layer, set(groups))
         for expert, (rows, _) in groups.items():
             self.counts[layer, expert] += len(rows)
@@ -121,11 +128,11 @@ class PagedExperts:
         for expert, (rows, _) in groups.items():
             if expert in gpu:
                 outputs[expert] = (self.device.run((layer, expert), x[rows]), self.device.kernel.provider)
-            elif expert not in reads and expert not in misses:
+            elif expert not in misses:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
         for index, expert in enumerate(misses):
             started = time.perf_counter()
-            buffer = reads.pop(expert).result()
+            buffer = result(reads.pop(expert), self.files.path(layer, expert))
             paging.stall_seconds += time.perf_counter() - started
             if index + READ_THREADS < len(misses):
                 following = misses[index + READ_THREADS]
@@ -145,10 +152,33 @@ class PagedExperts:
         return out
 
     def _score_guesses(self, layer: int, routed: set[int]) -> None:
-        for expert in self.lookahead.score(layer, routed) - routed:
+        for expert in self.layer_lookahead.score(layer, routed) - routed:
             slot = self.host.slots.get((layer, expert))
             if slot is not None and slot.prefetched:  # read early and, this pass, for nothing
-                self.lookahead.wasted_bytes += self.expert_bytes
+                self.layer_lookahead.wasted_bytes += self.expert_bytes
+
+    def run_resident(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        """A draft's sum from device slots and the host cache only; an expert the prefetcher has
+        evicted since the draft looked adds nothing. Not counted: the target's stats stay its own."""
+
+        def compute(expert: int, rows: np.ndarray):
+            key = (layer, expert)
+            if self.device is not None and key in self.device.slots:
+                return self.device.run(key, rows)
+            weights = self.host.peek(key)
+            return None if weights is None else self.kernel.run(rows, weights)
+
+        return weighted_sum(x, topk_ids, topk_weights, compute)
+
+    def lookahead(self, layer: int, experts: Sequence[int]) -> None:
+        """Queue the experts a draft lacked for the prefetcher, ahead of everything of their
+        layer (the `spac` policy; `lru` and `static` prefetch nothing)."""
+        if self.prefetcher is None:
+            return
+        wanted = [(layer, int(expert)) for expert in experts]
+        wanted = [key for key in wanted if key not in self.looked_ahead and key not in self.host]
+        self.looked_ahead.update(wanted)
+        self.prefetcher.add([(key, LOOKAHEAD_UTILITY) for key in wanted])
 
     def _plan(self, layer: int):
         return self.planner.plan_for(layer, self.counts[layer], self.device.resident(layer),
@@ -185,10 +215,14 @@ class PagedExperts:
         if weights is None:
             self.stats.paging.host_misses += 1
             started = time.perf_counter()
-            weights = self._read(layer, expert)
+            weights = self._read_now(layer, expert)
             self.stats.paging.stall_seconds += time.perf_counter() - started
             self._admit(key, weights)
         return weights
+
+    def _read_now(self, layer: int, expert: int) -> dict:
+        """Read on a reader thread and wait for it: the caller's wait has a timeout, a read has none."""
+        return result(self.readers.submit(self._read, layer, expert), self.files.path(layer, expert))
 
     def _read(self, layer: int, expert: int) -> dict:
         started = time.perf_counter()
@@ -217,6 +251,7 @@ class PagedExperts:
         self.position.pass_id += 1
         self.position.layer = -1
         self.position.computed.clear()
+        self.looked_ahead.clear()
         self.routing_totals += self.counts
         if self.estimator is not None:
             self.estimator.update(self.counts)
@@ -249,6 +284,6 @@ class PagedExperts:
 
     def close(self) -> None:
         self.stop_prefetching()
-        self.readers.shutdown(wait=True)
+        self.readers.close()
         if self.planner is not None:
             self.planner.close()

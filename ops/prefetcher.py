@@ -3,7 +3,9 @@ thread that reads them from storage while the draft runs.
 
 A queued request whose layer has already started in the current pass is stale and dropped. An
 exception in the worker is kept and raised to the caller at its next layer (`raise_error`), once;
-the worker is then restarted. Python threads suffice for overlap: os.pread, numpy and ONNX
+the worker is then restarted; a bad package file (PackageFileError) is raised as it is, any other
+error as a RuntimeError. stop() waits for the worker a moment only: one stuck in a read (a hung
+disk) is a daemon thread, left behind. Python threads suffice for overlap: os.pread, numpy and ONNX
 Runtime release the GIL.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .stats import PagingStats
 from .host_cache import HostCache, PassPosition
+from .storage import PackageFileError
 
 
 @dataclass(order=True)
@@ -28,14 +31,15 @@ class PrefetchRequest:
     expert: int = field(compare=False)
 
 
+STOP_WAIT_S = 1.0  # a read takes milliseconds; a worker still reading after this is stuck
 STOP = PrefetchRequest((float("-inf"),), 0.0, -1, -1, -1)  # served before any real request
 
 
 class Prefetcher:
-    def __init__(self, cache: HostCache, read, admit, position: PassPosition, paging: PagingStats):
-        """`read(layer, expert)` gets weights from storage; `admit(key, weights, prefetched=True)`
-        offers them to the cache and says whether they were kept."""
-        self.cache, self.read, self.admit, self.position, self.paging = cache, read, admit, position, paging
+    def __init__(self, cache: HostCache, read, position: PassPosition, paging: PagingStats):
+        """`read(layer, expert)` gets weights from storage; they are offered to the cache at the
+        request's utility."""
+        self.cache, self.read, self.position, self.paging = cache, read, position, paging
         self.requests: queue.PriorityQueue = queue.PriorityQueue()
         self.error: BaseException | None = None
         self.closed = False
@@ -56,12 +60,11 @@ class Prefetcher:
                     self.paging.prefetch_dropped += 1
             except queue.Empty:
                 break
-        for (layer, expert), utility in wanted:
-            self.requests.put(PrefetchRequest((layer, -utility), utility, self.position.pass_id, layer, expert))
-            self.paging.prefetch_issued += 1
+        self.add(wanted)
 
     def add(self, wanted: list[tuple[tuple[int, int], float]]) -> None:
-        """Queue `wanted` for the pass under way, beside what is queued (lookahead guesses)."""
+        """Queue `wanted` ((layer, expert), utility) for the pass about to start or under way,
+        beside what is queued (a draft's lookahead, the pager's guesses of later layers)."""
         for (layer, expert), utility in wanted:
             self.requests.put(PrefetchRequest((layer, -utility), utility, self.position.pass_id, layer, expert))
             self.paging.prefetch_issued += 1
@@ -83,7 +86,7 @@ class Prefetcher:
                 if not self.cache.reserve(key, request.utility):
                     continue
                 try:
-                    if not self.admit(key, self.read(*key), prefetched=True):
+                    if not self.cache.admit(key, self.read(*key), request.utility, prefetched=True):
                         with self.cache.lock:
                             self.paging.prefetch_dropped += 1
                 finally:
@@ -95,9 +98,11 @@ class Prefetcher:
         if self.error is not None:
             error, self.error = self.error, None
             self.start()  # the caller hears of the failure once; later rounds prefetch again
+            if isinstance(error, PackageFileError):  # already one line naming the file
+                raise error
             raise RuntimeError(f"the expert prefetch worker failed: {error}") from error
 
     def stop(self) -> None:
         self.closed = True
         self.requests.put(STOP)
-        self.worker.join(timeout=5)
+        self.worker.join(timeout=STOP_WAIT_S)

@@ -47,6 +47,21 @@ class PagingStats:
         }
 
 
+@dataclass
+class DraftExpertStats:
+    """What a self-drafting pass found: routed (token, expert) slots and those whose expert was
+    not held, so the draft substituted or dropped it."""
+
+    routed: int = 0
+    substituted: int = 0
+
+    __add__ = add_fields
+
+    @property
+    def substitution_rate(self) -> float:
+        return self.substituted / self.routed if self.routed else 0.0
+
+
 # Every expert resident: no miss, no paging.
 RESIDENT_PAGING = {"expert_hit_rate": 1.0, "bytes_paged": 0, "stall_seconds": 0.0}
 

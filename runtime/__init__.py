@@ -1,6 +1,8 @@
 """The device side of moe-spac: runs a spac package with ONNX Runtime (no torch, no transformers)."""
 
+from spac.ops.storage import ExpertFileError, PackageFileError
+
 from .manifest import ManifestError
 from .runtime import GenerationError, GenerationResult, Runtime
 
-__all__ = ["Runtime", "GenerationResult", "GenerationError", "ManifestError"]
+__all__ = ["Runtime", "GenerationResult", "GenerationError", "PackageFileError", "ManifestError", "ExpertFileError"]

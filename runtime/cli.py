@@ -13,10 +13,13 @@ from .arguments import Parser, integer, number, utf8_text
 from .estimator import ESTIMATORS
 from .logs import add_logging_flags, setup_logging
 from .profile import MAX_DRAFT_LEN, ProfileError, excerpt, parse_budget, parse_bytes
+from .speculative import DRAFT_MODES
 
 DESCRIPTION = """\
 Generate text from a package made by spac-export. The draft proposes --draft-len tokens per
 round and the target verifies them in one pass (greedy output equals the original model's).
+The draft is the package's draft model, or with --draft self the target itself running only the
+experts it holds in memory (for packages exported without a draft).
 Text streams to stdout; one stats line goes to stderr (or everything as JSON with --json)."""
 
 EPILOG = """\
@@ -60,29 +63,15 @@ def parse_args(argv):
                         help="stop at this string (repeatable)")
     parser.add_argument("--draft-len", type=integer(0, MAX_DRAFT_LEN), default=None,
                         help="γ, draft tokens per round, 0 = no drafting (default: profile's)")
+    parser.add_argument("--draft", choices=DRAFT_MODES, default=None,
+                        help="what drafts: the package's draft 'model', the target 'self' with the experts it holds, "
+                             "or 'none' (default: model if the package has one, else none)")
     parser.add_argument("--no-speculative", dest="speculative", action="store_false",
                         help="plain decoding with the target only")
     parser.add_argument("--providers", default=None,
                         help="comma-separated execution providers for experts, e.g. cuda,cpu (default: profile's)")
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back when CUDA is missing")
-    parser.add_argument("--policy", choices=POLICIES, default=None,
-                        help="expert cache policy when the experts do not all fit (default: profile's)")
-    parser.add_argument("--host-budget", type=parse_host_budget, default=None,
-                        help="host RAM for the expert cache: a share of the expert bytes ('25%%', 0.25) or bytes "
-                             "of expert cache ('1048576', '512MiB'); below 100%% experts are paged from the "
-                             "package (default: profile's)")
-    parser.add_argument("--memory-limit", type=parse_memory_limit, default=None,
-                        help="bytes the whole process may use ('700MB', '2GiB', bytes) or 'auto' (the memory "
-                             "cgroup's limit, else MemAvailable); sizes the host expert cache to fit, "
-                             "overriding --host-budget")
-    parser.add_argument("--direct-io", action="store_true",
-                        help="read paged experts with O_DIRECT into aligned buffers, past the page cache "
-                             "(falls back to plain reads where the file system refuses it)")
-    parser.add_argument("--lookahead", action="store_true",
-                        help="spac policy: read the experts the next layers' routers guess from the current "
-                             "hidden state while the current layer computes (guesses never change the output)")
-    parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
-                        help="utility estimator of the spac policy (default: profile's)")
+    add_expert_cache_flags(parser)
     parser.add_argument("--thread-pool", choices=("global", "per-session"), default=None,
                         help="'global': one ONNX Runtime thread pool shared by all sessions, 10-20%% faster "
                              "decoding on the CPU; 'per-session': a pool per session, for callers of main() "
@@ -94,6 +83,36 @@ def parse_args(argv):
     if args.prompt is None and not args.interactive:
         parser.error("--prompt is required (or --interactive)")
     return args
+
+
+def add_expert_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """How experts are cached and read, overriding the profile (spac-run and spac-serve); the
+    Runtime's arguments they give are expert_cache_options(args)."""
+    parser.add_argument("--policy", choices=POLICIES, default=None,
+                        help="expert cache policy when the experts do not all fit (default: profile's)")
+    parser.add_argument("--host-budget", type=parse_host_budget, default=None,
+                        help="host RAM for the expert cache: a share of the expert bytes ('25%%', 0.25) or bytes "
+                             "of expert cache ('1048576', '512MiB'); below 100%% experts are paged from the "
+                             "package (default: profile's)")
+    parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
+                        help="utility estimator of the spac policy (default: profile's)")
+    parser.add_argument("--memory-limit", type=parse_memory_limit, default=None,
+                        help="bytes the whole process may use ('700MB', '2GiB', bytes) or 'auto' (the memory "
+                             "cgroup's limit, else MemAvailable); sizes the host expert cache to fit, "
+                             "overriding --host-budget")
+    parser.add_argument("--direct-io", action="store_true",
+                        help="read paged experts with O_DIRECT into aligned buffers, past the page cache "
+                             "(falls back to plain reads where the file system refuses it)")
+    parser.add_argument("--layer-lookahead", action="store_true",
+                        help="spac policy: read the experts the next layers' routers guess from the current "
+                             "hidden state while the current layer computes (guesses never change the output; "
+                             "off by default: slower where the cache is small, see README)")
+
+
+def expert_cache_options(args: argparse.Namespace) -> dict:
+    """The Runtime's keyword arguments from add_expert_cache_flags' flags."""
+    return dict(policy=args.policy, host_budget=args.host_budget, estimator=args.estimator,
+                memory_limit=args.memory_limit, direct_io=args.direct_io, layer_lookahead=args.layer_lookahead)
 
 
 def parse_host_budget(text: str) -> float | int:
@@ -123,9 +142,13 @@ def parse_memory_limit(text: str) -> int | str:
 
 def stats_line(stats: dict) -> str:
     calls = ", ".join(f"{ep} {n}" for ep, n in sorted(stats["expert_calls"].items())) or "none"
+    substitution = (f", substitution {stats['draft_substitution_rate']:.0%}" if stats["draft"] == "self" else "")
     return (f"[spac] {stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s decode, "
-            f"prefill {stats['prefill_seconds'] * 1000:.0f} ms | acceptance {stats['acceptance_rate']:.0%}, "
-            f"{stats['mean_accepted_per_round']:.2f} accepted/round (γ={stats['draft_len']}) | "
+            f"prefill {stats['prefill_seconds'] * 1000:.0f} ms | draft {stats['draft']}{substitution}, "
+            f"acceptance {stats['acceptance_rate']:.0%}, "
+            f"{stats['mean_accepted_per_round']:.2f} accepted/round (γ={stats['draft_len']}), "
+            f"draft {stats['draft_seconds_per_round'] * 1000:.1f} ms / verify "
+            f"{stats['verify_seconds_per_round'] * 1000:.1f} ms per round | "
             f"expert calls {calls}, hit rate {stats['expert_hit_rate']:.0%}, "
             f"paged {stats['bytes_paged'] / 1e6:.1f} MB")
 
@@ -135,17 +158,16 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     session made without the global pool once it exists, so only the command itself defaults to it."""
     args = parse_args(argv)
     setup_logging("spac-run", args)
-    from .manifest import ManifestError
+    from spac.ops.storage import PackageFileError
+
     from .runtime import GenerationError, Runtime
 
     providers = args.providers.split(",") if args.providers else None
     try:
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
-                          strict=args.strict, policy=args.policy, host_budget=args.host_budget,
-                          estimator=args.estimator, memory_limit=args.memory_limit, direct_io=args.direct_io,
-                          lookahead=args.lookahead,
+                          strict=args.strict, draft=args.draft, **expert_cache_options(args),
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
-    except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
+    except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # while loading: nothing generated yet
@@ -164,8 +186,10 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         for piece in stream:
             if not args.json:
                 print(piece, end="", flush=True)
-    except (GenerationError, ValueError, TypeError) as error:
+    except (GenerationError, PackageFileError, ValueError, TypeError) as error:
+        # A package file found bad while paging (changed, unreadable, hung) ends the run too.
         print(f"spac-run: error: {error}", file=sys.stderr)
+        runtime.close()
         return 2
     except KeyboardInterrupt:
         # The interrupt may land outside the generator (here, while printing): close it so its

@@ -35,7 +35,7 @@ class ExpertOptions:
     device_tier: str | None = None
     device_slots: int | None = None  # None: as many as the profile's device budget holds
     direct_io: bool = False  # read expert files with O_DIRECT (spac.ops.direct_io)
-    lookahead: bool = False  # read guessed experts of the next layers early (spac policy; spac.ops.lookahead)
+    layer_lookahead: bool = False  # read what later layers' routers guess early (spac policy; spac.ops.lookahead)
 
 
 def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory,
@@ -71,7 +71,8 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
                         make_estimator(options.estimator or profile.estimator, layers, experts),
                         options.static_frequencies, verify=lambda name, data: verify_file(manifest, name, data),
                         device=device, planner=planner, reader=DirectReader() if options.direct_io else None,
-                        lookahead=Lookahead(load_routers(manifest), moe.dims["top_k"]) if options.lookahead else None)
+                        layer_lookahead=(Lookahead(load_routers(manifest), moe.dims["top_k"])
+                                         if options.layer_lookahead else None))
 
 
 def _resident(manifest: Manifest, sessions: SessionFactory, provider: str) -> ResidentExperts:

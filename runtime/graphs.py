@@ -93,10 +93,13 @@ def _signature(manifest: Manifest, name: str):
                 first, second = ([None if axis == 2 else d for axis, d in enumerate(s)] for s in layer.kv_shapes)
                 inputs = {"hidden": tokens, "rope_cos": None, "rope_sin": None, "past_first": first,
                           "past_second": second}
-                top_k = section.dims.get("top_k")
+                top_k, experts = section.dims.get("top_k"), section.dims.get("num_experts")
                 outputs = ([("residual", tokens), ("moe_input", [None, hidden]), ("topk_ids", [None, top_k]),
-                            ("topk_weights", [None, top_k])] if layer.kind == "moe" else [("hidden_out", tokens)])
+                            ("topk_weights", [None, top_k]), ("router_logits", [None, experts])]
+                           if layer.kind == "moe" else [("hidden_out", tokens)])
                 return inputs, outputs + [("present_first", first), ("present_second", second)]
+            if name == layer.post_experts:
+                return {"residual": tokens, "routed": tokens}, [("hidden_out", tokens)]
     if name.removesuffix(".onnx") + ".data" in manifest.expert_data:
         hidden = manifest.target.dims["hidden_size"]
         return {"x": [None, hidden]}, [("y", [None, hidden])]

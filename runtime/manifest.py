@@ -26,13 +26,14 @@ from pathlib import Path
 import yaml
 
 from spac.ops.expert_graph import DTYPES, expert_tensors
+from spac.ops.storage import PackageFileError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: MoE layer graphs output the router's logits
 MANIFEST = "manifest.yaml"
 PRODUCER = "moe-spac"  # what a manifest written by spac-export names as its producer
 
 
-class ManifestError(Exception):
+class ManifestError(PackageFileError):
     """The package is missing, malformed or corrupt; the message names the file and field."""
 
 
@@ -43,6 +44,7 @@ class Layer:
     file: str
     sliding_window: int | None
     kv_shapes: tuple[tuple[int, ...], ...]
+    post_experts: str | None = None  # post-norm families: the graph ending a MoE layer
 
 
 @dataclass(frozen=True)
@@ -217,9 +219,18 @@ class _Reader:
             if not any(layer.kind == "moe" for layer in layers):
                 self.fail("target.layers", "has no 'moe' layer; the target is a Mixture-of-Experts model")
             experts = self.experts(data["experts"], dims, dtype, [layer.index for layer in layers if layer.kind == "moe"])
+        self.distinct_graphs(name, data["embed"], data["head"], layers)
         return ModelSection(data["architecture"], data["model_type"], dims,
                             self.listed(data["embed"], f"{name}.embed"), self.listed(data["head"], f"{name}.head"),
                             layers, experts)
+
+    def distinct_graphs(self, name: str, embed: str, head: str, layers: tuple[Layer, ...]) -> None:
+        """Each graph has one role: its inputs and outputs are checked against that role."""
+        graphs = [embed, head, *(layer.file for layer in layers), *filter(None, (layer.post_experts for layer in layers))]
+        repeated = next((graph for graph in graphs if graphs.count(graph) > 1), None)
+        if repeated is not None:
+            self.fail(f"{name}", f"names the graph {repeated!r:.200} for more than one role (embed, head, a layer, "
+                                 "a layer's post_experts); each graph has one")
 
     def layer(self, entry, i: int, where: str, moe_allowed: bool) -> Layer:
         self.require(entry, "layer", where)
@@ -235,8 +246,13 @@ class _Reader:
         if not (len(shapes) == 2 and all(isinstance(s, list) and len(s) == 4 and all(_is_int(d) and d >= 0 for d in s)
                                          and s[0] == 1 and s[2] == 0 for s in shapes)):
             self.fail(f"{where}.kv_shapes", f"must be two shapes [1, heads, 0, dim] of integers, got {shapes!r:.120}")
+        post = self.optional(entry, "post_experts", where, (str,))
+        if post is not None:
+            if entry["kind"] != "moe":
+                self.fail(f"{where}.post_experts", "is set on a dense layer; only MoE layers have one")
+            post = self.listed(post, f"{where}.post_experts")
         return Layer(i, entry["kind"], self.listed(entry["file"], f"{where}.file"), window,
-                     tuple(tuple(s) for s in shapes))
+                     tuple(tuple(s) for s in shapes), post)
 
     def experts(self, raw, dims: dict, dtype: str, moe_layers: list[int]) -> Experts:
         self.require(raw, "experts", "target.experts")

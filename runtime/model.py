@@ -3,9 +3,16 @@
 `forward(tokens)` feeds new tokens after the cached ones and returns their logits; `truncate(n)`
 rolls the cache back to its first n positions (speculative decoding's rejection, or a chat turn
 that shares only part of the cached conversation). `tokens` are the ids the cache holds.
+
+`twin(experts)` is the same model with another expert stack, sharing the sessions and the KV
+cache: self-speculative decoding drafts with it, writing the speculative positions into the
+target's own cache, which the verify pass then recomputes (the decoder truncates it first).
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,6 +20,12 @@ from spac.ops.expert_graph import DTYPES
 from spac.ops.sessions import SessionFactory
 
 from .manifest import Manifest, ModelSection
+
+
+@dataclass
+class KVCache:
+    layers: list = field(default_factory=list)  # per layer: (past_first, past_second)
+    tokens: list[int] = field(default_factory=list)  # the ids whose positions it holds
 
 
 class ModelRunner:
@@ -26,20 +39,38 @@ class ModelRunner:
         self.embed = sessions.create(root / section.embed, provider)
         self.head = sessions.create(root / section.head, provider)
         self.layers = [sessions.create(root / layer.file, provider) for layer in section.layers]
+        self.post_experts = {layer.index: sessions.create(root / layer.post_experts, provider)
+                             for layer in section.layers if layer.post_experts}
         self.experts = experts
         self.on_routing = on_routing
         self.max_positions = section.dims["max_position_embeddings"]
         moe = [layer.index for layer in section.layers if layer.kind == "moe"]
-        self.next_moe = {here: later for here, later in zip(moe, moe[1:])}  # for the lookahead
+        self.next_moe = {here: later for here, later in zip(moe, moe[1:])}  # for the layer lookahead
+        self.kv = KVCache()
         self.reset()
 
+    def twin(self, experts) -> "ModelRunner":
+        """This model with `experts` as its routed experts, sharing its sessions and KV cache."""
+        twin = copy.copy(self)  # the same KVCache object: what one writes, the other sees
+        twin.experts, twin.on_routing = experts, None
+        return twin
+
     def reset(self) -> None:
-        self.cache = [tuple(np.zeros(shape, self.dtype) for shape in layer.kv_shapes) for layer in self.section.layers]
-        self.tokens: list[int] = []
+        self.kv.layers = [tuple(np.zeros(shape, self.dtype) for shape in layer.kv_shapes)
+                          for layer in self.section.layers]
+        self.kv.tokens = []
+
+    @property
+    def cache(self) -> list:
+        return self.kv.layers
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.kv.tokens
 
     @property
     def length(self) -> int:
-        return self.cache[0][0].shape[2]
+        return self.kv.layers[0][0].shape[2]
 
     def forward(self, tokens) -> np.ndarray:
         """Logits [T, V] for `tokens` placed after the cached positions; the cache grows by T."""
@@ -48,8 +79,8 @@ class ModelRunner:
         hidden, cos, sin = self.embed.run(None, {"input_ids": ids, "position_ids": positions})
         # The cache changes only once every layer has run: an error or Ctrl-C mid-pass leaves it
         # whole, so the next generation can still reuse it.
-        cache = list(self.cache)
-        anticipate = getattr(self.experts, "anticipate", None)  # the pager's cross-layer lookahead
+        cache = list(self.kv.layers)
+        anticipate = getattr(self.experts, "anticipate", None)  # the pager's layer lookahead
         for index, (layer, session) in enumerate(zip(self.section.layers, self.layers)):
             past_first, past_second = cache[index]
             feeds = {"hidden": hidden, "rope_cos": cos, "rope_sin": sin, "past_first": past_first, "past_second": past_second}
@@ -58,18 +89,22 @@ class ModelRunner:
             else:
                 if anticipate:  # its reads start while its attention runs
                     anticipate(layer.index, hidden[0], 0)
-                residual, moe_input, topk_ids, topk_weights, *present = session.run(None, feeds)
+                residual, moe_input, topk_ids, topk_weights, router_logits, *present = session.run(None, feeds)
                 if anticipate and layer.index in self.next_moe:  # and the next layer's, while this one's experts run
                     anticipate(self.next_moe[layer.index], residual[0], 1)
                 if self.on_routing:
                     self.on_routing(layer.index, topk_ids)
-                hidden = residual + self.experts.run(layer.index, moe_input, topk_ids, topk_weights)[None]
+                routed = self.experts.run(layer.index, moe_input, topk_ids, topk_weights, router_logits)[None]
+                if layer.index in self.post_experts:
+                    hidden = self.post_experts[layer.index].run(None, {"residual": residual, "routed": routed})[0]
+                else:
+                    hidden = residual + routed
             cache[index] = tuple(present)
         logits = self.head.run(None, {"hidden": hidden})[0][0]
-        self.cache, self.tokens = cache, self.tokens + ids[0].tolist()
+        self.kv.layers, self.kv.tokens = cache, self.kv.tokens + ids[0].tolist()
         return logits
 
     def truncate(self, length: int) -> None:
         if length < self.length:
-            self.cache = [(first[:, :, :length], second[:, :, :length]) for first, second in self.cache]
-            del self.tokens[length:]
+            self.kv.layers = [(first[:, :, :length], second[:, :, :length]) for first, second in self.kv.layers]
+            del self.kv.tokens[length:]

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -15,6 +18,8 @@ import numpy as np
 
 from spac.ops.pager import PagedExperts
 from spac.ops.providers import PROVIDERS
+from spac.ops.self_draft import SelfDraftExperts
+from spac.ops.stats import DraftExpertStats
 from spac.ops.sessions import SessionFactory, cuda_available
 
 from .chat import chat_prompt
@@ -23,7 +28,7 @@ from .manifest import load_manifest
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit
 from .model import ModelRunner
 from .profile import load_profile
-from .speculative import Decoder, Sampler
+from .speculative import DRAFT_MODES, Decoder, Sampler
 from .stats import GenerationStats
 from .tokenizer import TextTokenizer
 
@@ -40,6 +45,20 @@ class GenerationResult:
     token_ids: list[int]
     stats: GenerationStats | None = None  # None until the generation has ended
     interrupted: bool = False
+
+
+def choose_draft(manifest, draft: str | None) -> str:
+    """The draft mode: `draft` checked against the package, or by default its draft model if it
+    has one, else none. (Self-drafting is not the default: on the CPU it decoded slower than the
+    target alone at every host budget measured, see the README's results.)"""
+    if draft is None:
+        return "model" if manifest.draft is not None else "none"
+    if draft not in DRAFT_MODES:
+        raise ValueError(f"unknown draft mode {draft!r}; valid: {', '.join(DRAFT_MODES)}")
+    if draft == "model" and manifest.draft is None:
+        raise ValueError(f"the package {manifest.root} has no draft model (exported without --draft); "
+                         "valid here: self, none")
+    return draft
 
 
 def choose_provider(profile, providers: list[str] | None, strict: bool) -> str:
@@ -62,19 +81,24 @@ class Runtime:
                  providers: list[str] | None = None, strict: bool = False, threads: int | None = None,
                  policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
                  static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None,
-                 memory_limit: int | str | None = None, direct_io: bool = False, lookahead: bool = False):
+                 draft: str | None = None, min_draft_confidence: float = 0.0,
+                 memory_limit: int | str | None = None, direct_io: bool = False, layer_lookahead: bool = False):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
         override the profile's; `static_frequencies[layer, expert]` (routing counts from an
         earlier run) choose the `static` policy's resident set. `global_thread_pool` shares one
         ORT thread pool across all sessions: faster, but every other ORT session in the process
         must then be made with use_per_session_threads=False (see spac.ops.sessions).
         `device_tier="cpu"` runs the device tier (slots, balancer plans) on the CPU EP, to
-        exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions). `memory_limit`
-        (bytes, or "auto": the cgroup's limit, else MemAvailable) sizes the host cache so that
-        the whole process stays inside it, overriding `host_budget` (see spac.runtime.memory).
-        `direct_io` reads expert files with O_DIRECT (spac.ops.direct_io), past the page cache;
-        `lookahead` (spac policy) reads the experts the next layers' routers guess from the
-        current hidden state while the current layer computes (spac.ops.lookahead)."""
+        exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions). `draft` is what
+        drafts (DRAFT_MODES): "model", the package's draft model (the default when it has one);
+        "self", the target with only the experts it holds (spac.ops.self_draft); "none".
+        `min_draft_confidence` ends a round's drafting after a token the draft was less sure of
+        (spac.runtime.speculative.Decoder). `memory_limit` (bytes, or "auto": the cgroup's
+        limit, else MemAvailable) sizes the host cache so that the whole process stays inside
+        it, overriding `host_budget` (see spac.runtime.memory). `direct_io` reads expert files
+        with O_DIRECT (spac.ops.direct_io), past the page cache, through the same integrity
+        checks; `layer_lookahead` (spac policy) reads the experts the next layers' routers guess
+        from the current hidden state while the current layer computes (spac.ops.lookahead)."""
         self.manifest = load_manifest(package)
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
@@ -82,34 +106,48 @@ class Runtime:
         self.draft_len = self.profile.draft_len if draft_len is None else draft_len
         if self.draft_len < 0:
             raise ValueError(f"draft_len must be >= 0, got {self.draft_len}")
-        if self.manifest.draft is None:
+        self.draft_mode = choose_draft(self.manifest, draft)
+        if not 0.0 <= min_draft_confidence <= 1.0:
+            raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
+        self.min_draft_confidence = min_draft_confidence
+        if self.draft_mode == "none":
             self.draft_len = 0
         self.provider = choose_provider(self.profile, providers, strict)
         self.sessions = SessionFactory(threads or self.profile.threads, global_pool=global_thread_pool,
                                        provider_options=self.profile.provider_options())
-        # The trunk and the draft run where the profile puts them: on the GPU when there is one.
-        # They load before the experts, so that a memory limit can count what they take.
+        # The trunk and a draft model run where the profile puts them: on the GPU when there is
+        # one. They load before the experts, so that a memory limit can count what they take.
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, provider=self.provider)
         self.draft = (ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
-                      if self.manifest.draft else None)
+                      if self.draft_mode == "model" else None)
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.memory = None
         if memory_limit is not None:
             self.memory = self._plan_memory(resolve_limit(memory_limit))
             host_budget = self.memory.host_budget
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
-                                direct_io=direct_io, lookahead=lookahead)
+                                direct_io=direct_io, layer_lookahead=layer_lookahead)
         self.experts = self.target.experts = build_experts(self.manifest, self.profile, self.sessions, options)
+        # A Runtime dropped without close() stops its reader and prefetch threads all the same.
+        self._finalizer = weakref.finalize(self, self.experts.close)
+        if self.draft_mode == "self":  # the target's twin over the experts it holds: no sessions or KV of its own
+            self.draft = self.target.twin(SelfDraftExperts(self.experts, self.manifest.target.dims["num_experts"]))
+        self.last_result: GenerationResult | None = None
+        # One generation at a time: the KV caches, the expert cache and the stats are the
+        # Runtime's, so two interleaved generations would corrupt each other's tokens.
+        self._lock = threading.Lock()
+        self._generating_thread: int | None = None
 
     def _plan_memory(self, limit: int) -> MemoryPlan:
+        """The host cache's share of `limit` once the loaded trunk and draft model, the KV caches
+        (a self-draft writes into the target's own) and the read buffers are counted."""
         itemsize = np.dtype(self.target.dtype).itemsize
-        kv = sum(kv_cache_bytes(section, self.context, itemsize)
-                 for section in (self.manifest.target, self.manifest.draft) if section is not None)
+        sections = (self.manifest.target, self.manifest.draft if self.draft_mode == "model" else None)
+        kv = sum(kv_cache_bytes(section, self.context, itemsize) for section in sections if section is not None)
         expert_bytes = self.manifest.target.experts.bytes_per_expert
         plan = plan_memory(limit, kv, PagedExperts.read_buffers(expert_bytes), expert_bytes)
         log.info("memory limit %.0f MB: %s", limit / 1e6, plan.as_dict())
         return plan
-        self.last_result: GenerationResult | None = None
 
     def __enter__(self) -> "Runtime":
         return self
@@ -119,17 +157,19 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the prefetch worker and release the sessions and expert weights."""
-        if self.experts is not None:
-            self.experts.close()
+        self._finalizer()  # closes the experts, once
         self.experts = self.target = self.draft = None
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, speculative: bool = True,
                  **options) -> GenerationResult:
-        """Takes stream()'s arguments and returns the whole result."""
-        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, **options):
+        """Takes stream()'s arguments and returns the whole result. Safe to call from several
+        threads: calls on one Runtime run one after the other, each with its own result."""
+        result, pieces = self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative,
+                                          **options)
+        for _ in pieces:
             pass
-        return self.last_result
+        return result
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                seed: int | None = None, stop: list[str] | None = None, speculative: bool = True, *,
@@ -142,13 +182,40 @@ class Runtime:
         repetition_penalty, frequency_penalty, presence_penalty) take the model's
         generation_config defaults, else greedy. `reuse_cache` keeps the KV cache's common prefix
         with the previous sequence (a chat's earlier turns); `cancel()` returning True ends the
-        generation after the current round."""
-        if self.target is None:
-            raise RuntimeError("this Runtime is closed")
+        generation after the current round. Generations on one Runtime run one at a time (a
+        stream holds the Runtime from its first piece until it ends or is closed); from several
+        threads, read each result from generate(), since `last_result` is the latest one."""
+        return self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative,
+                                reuse_cache=reuse_cache, cancel=cancel, **sampling)[1]
+
+    def _generation(self, prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, *,
+                    reuse_cache: bool = False, cancel=None, **sampling) -> tuple[GenerationResult, Iterator[str]]:
+        """The result a generation will fill in and the generator of its pieces."""
+        self._check_open()
         prompt_ids = self._check_request(prompt, max_new_tokens)
         sampler = Sampler.from_options(self.generation_defaults, seed, temperature=temperature, top_p=top_p,
                                        **sampling)
-        return self._pieces(prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache, cancel)
+        result = GenerationResult("", [])
+        return result, self._pieces(result, prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache,
+                                    cancel)
+
+    def _check_open(self) -> None:
+        if self.target is None:
+            raise RuntimeError("this Runtime is closed")
+
+    @contextmanager
+    def _exclusive(self):
+        """Hold the Runtime for one generation; waits for another thread's to end."""
+        if self._generating_thread == threading.get_ident():  # waiting would never end
+            raise RuntimeError("this thread is already generating with this Runtime: finish or close() "
+                               "that stream before starting another")
+        with self._lock:
+            self._generating_thread = threading.get_ident()
+            try:
+                self._check_open()  # closed while this call waited
+                yield
+            finally:
+                self._generating_thread = None
 
     def chat(self, messages: list[dict], system: str | None = None, add_generation_prompt: bool = True,
              template_kwargs: dict | None = None, **options) -> GenerationResult:
@@ -163,14 +230,23 @@ class Runtime:
         """The model's generation_config.json sampling values, as the exporter carried them."""
         return self.manifest.tokenizer.get("generation") or {}
 
-    def _pieces(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop, speculative: bool,
-                reuse_cache: bool = False, cancel=None):
+    def _pieces(self, result: GenerationResult, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop,
+                speculative: bool, reuse_cache: bool = False, cancel=None):
+        with self._exclusive():
+            self.last_result = result
+            yield from self._generate(result, prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache,
+                                      cancel)
+
+    def _generate(self, result: GenerationResult, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+                  stop, speculative: bool, reuse_cache: bool, cancel):
         limit = min(max_new_tokens, self.context - len(prompt_ids))
-        decoder = Decoder(self.target, self.draft if speculative else None, sampler, self.experts)
+        decoder = Decoder(self.target, self.draft if speculative else None, sampler, self.experts,
+                          self.min_draft_confidence)
         draft_len = self.draft_len if speculative else 0
         text = _TextAssembler(self.tokenizer, stop or [])
-        result = self.last_result = GenerationResult("", [])
         self.experts.reset_stats()  # stats are per generation; cached experts stay
+        if self.draft_mode == "self":
+            self.draft.experts.reset_stats()
         started = time.perf_counter()
         prefill_seconds = None
         generated: list[int] = []
@@ -224,7 +300,8 @@ class Runtime:
             prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill_seconds=prefill,
             decode_seconds=total - prefill, decoded_tokens=max(0, new_tokens - 1), decode=decoder.stats,
             draft_len=self.draft_len if decoder.draft else 0, experts=self.experts.stats,
-            policy=self.experts.policy, provider=self.provider)
+            policy=self.experts.policy, provider=self.provider, draft=self.draft_mode if decoder.draft else "none",
+            draft_experts=self.draft.experts.stats if self.draft_mode == "self" else DraftExpertStats())
 
 
 class _TextAssembler:

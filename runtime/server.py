@@ -24,8 +24,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from spac.ops.storage import PackageFileError
+
 from . import openai_api as api
 from .chat import chat_prompt
+from .cli import add_expert_cache_flags, expert_cache_options
 from .logs import add_logging_flags, setup_logging
 from .runtime import GenerationError
 
@@ -84,6 +87,9 @@ class GenerationQueue:
             for piece in job.pieces:
                 job.post(PIECE, piece)
             job.post(DONE, self.runtime.last_result)
+        except PackageFileError as error:  # a package file found bad while paging: one line, no traceback
+            log.error("generation failed: %s", error)
+            job.post(FAILED, f"generation failed: {error}")
         except Exception as error:  # noqa: BLE001 - the worker must survive any one request
             log.exception("generation failed")
             job.post(FAILED, f"generation failed: {error}")
@@ -329,6 +335,7 @@ def parse_args(argv):
     parser.add_argument("--queue-limit", type=int, default=16,
                         help="requests waiting or running at most; more get 503 (default: 16)")
     parser.add_argument("--draft-len", type=int, default=None, help="γ, draft tokens per round (default: profile's)")
+    add_expert_cache_flags(parser)
     add_logging_flags(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -343,13 +350,13 @@ def main(argv=None) -> int:
     setup_logging("spac-serve", args)
     import uvicorn
 
-    from .manifest import ManifestError
     from .profile import ProfileError
     from .runtime import Runtime
 
     try:
-        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True)
-    except (ManifestError, ProfileError, ValueError, RuntimeError) as error:
+        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True,
+                          **expert_cache_options(args))
+    except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-serve: error: {error}", file=sys.stderr)
         return 2
     server = Server(runtime, args.model_name or Path(args.package).resolve().name, args.api_key, args.queue_limit)

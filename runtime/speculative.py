@@ -7,7 +7,10 @@ probability min(1, p(d)/q(d)), else sample from max(0, p - q)), so the output di
 exactly the target's (after temperature and top-p, applied to both models alike).
 
 Each runner's cache holds a prefix of `tokens`; every forward first feeds what its cache lacks,
-so rollback is just `truncate` and a fully accepted round needs no special case.
+so rollback is just `truncate` and a fully accepted round needs no special case. A self-draft
+(the target's twin, spac.runtime.model) shares the target's cache and writes the speculative
+positions into it; the target truncates them before it verifies, so the verify pass recomputes
+every position it judges with the full model.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
     from spac.ops.experts import Experts
 
 
+# What drafts: the package's draft model, the target itself with the experts it holds, or nothing.
+DRAFT_MODES = ("model", "self", "none")
 # Each sampling option and the value that turns it off.
 SAMPLING_OPTIONS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
                     "frequency_penalty": 0.0, "presence_penalty": 0.0}
@@ -137,6 +142,8 @@ class DecodeStats:
     proposed: int = 0
     accepted: int = 0
     reused: int = 0  # prompt tokens the target's cache already held
+    draft_seconds: float = 0.0  # drafting, summed over the rounds
+    verify_seconds: float = 0.0  # the target's verify passes, summed over the rounds
 
     __add__ = add_fields
 
@@ -151,7 +158,9 @@ class DecodeStats:
     def as_dict(self) -> dict:
         return {"reused_prompt_tokens": self.reused, "rounds": self.rounds, "draft_tokens_proposed": self.proposed,
                 "draft_tokens_accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-                "mean_accepted_per_round": self.mean_accepted_per_round}
+                "mean_accepted_per_round": self.mean_accepted_per_round,
+                "draft_seconds_per_round": self.draft_seconds / self.rounds if self.rounds else 0.0,
+                "verify_seconds_per_round": self.verify_seconds / self.rounds if self.rounds else 0.0}
 
 
 class Decoder:
@@ -165,9 +174,13 @@ class Decoder:
     one ends (`end_round`), so they can plan and prefetch for the next while the draft runs."""
 
     def __init__(self, target: ModelRunner, draft: ModelRunner | None, sampler: Sampler,
-                 experts: Experts | None = None):
-        """`experts`: the target's routed experts, told where each round ends."""
+                 experts: Experts | None = None, min_confidence: float = 0.0):
+        """`experts`: the target's routed experts, told where each round ends. `min_confidence`:
+        a round stops drafting after a token the draft gave less than this probability (its
+        softmax, after the penalties), so the verify pass judges fewer likely rejections; the
+        draft length then depends on the draft's own output only, so sampling stays exact."""
         self.target, self.draft, self.sampler, self.experts = target, draft, sampler, experts
+        self.min_confidence = min_confidence
         self.stats = DecodeStats()
         self.tokens: list[int] = []
         self.prompt_length = 0
@@ -200,9 +213,12 @@ class Decoder:
             return [self._append(logits)]
         started = time.perf_counter()
         drafts, draft_probs = self._propose(draft_len)
-        draft_seconds = time.perf_counter() - started
+        drafted = time.perf_counter()
+        self.target.truncate(len(self.tokens) - 1)  # what a self-draft wrote into the shared cache
         new = self._verify(drafts, draft_probs)
-        self._end_round(drafts, draft_seconds)
+        self.stats.draft_seconds += drafted - started
+        self.stats.verify_seconds += time.perf_counter() - drafted
+        self._end_round(drafts, drafted - started)
         self.tokens += new
         self.target.truncate(len(self.tokens) - 1)
         self.draft.truncate(min(self.draft.length, len(self.tokens) - 1))
@@ -223,8 +239,15 @@ class Decoder:
             else:
                 draft_probs.append(self.sampler.probs(logits, context, self.prompt_length))
                 drafts.append(self.sampler.draw(draft_probs[-1]))
+            if self.min_confidence and self._confidence(logits, context, drafts[-1]) < self.min_confidence:
+                break
             feed = [drafts[-1]]
         return drafts, draft_probs
+
+    def _confidence(self, logits: np.ndarray, context: list[int], token: int) -> float:
+        """The draft's probability of the token it proposed (before temperature and filters)."""
+        z = self.sampler.penalize(logits, context, self.prompt_length).astype(np.float64)
+        return float(1.0 / np.exp(z - z[token]).sum())
 
     def _verify(self, drafts: list[int], draft_probs: list[np.ndarray]) -> list[int]:
         fed = self.tokens[self.target.length:]

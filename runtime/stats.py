@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from spac.ops.stats import ExpertStats
+from spac.ops.stats import DraftExpertStats, ExpertStats
 
 from .speculative import DecodeStats
 
 
 @dataclass
 class GenerationStats:
+    """One generation: its tokens and seconds, the decoder's rounds (`decode`) and what the
+    expert stack did (`experts`); two generations' stats sum with `+`."""
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0
@@ -21,6 +24,8 @@ class GenerationStats:
     experts: ExpertStats = field(default_factory=ExpertStats)
     policy: str = "resident"
     provider: str = "cpu"
+    draft: str = "none"  # what drafted: "model", "self" (the target's held experts) or "none"
+    draft_experts: DraftExpertStats = field(default_factory=DraftExpertStats)  # a self-draft's substitutions
 
     @property
     def tokens_per_second(self) -> float:
@@ -30,13 +35,14 @@ class GenerationStats:
         return 0.0
 
     def __add__(self, other: "GenerationStats") -> "GenerationStats":
-        """Two generations' totals (rates recomputed from the sums); draft_len, policy and
-        provider are this one's."""
+        """Two generations' totals (rates recomputed from the sums); draft_len, policy,
+        provider and draft are this one's."""
         return GenerationStats(
             self.prompt_tokens + other.prompt_tokens, self.new_tokens + other.new_tokens,
             self.prefill_seconds + other.prefill_seconds, self.decode_seconds + other.decode_seconds,
             self.decoded_tokens + other.decoded_tokens, self.decode + other.decode, self.draft_len,
-            self.experts + other.experts, self.policy, self.provider)
+            self.experts + other.experts, self.policy, self.provider, self.draft,
+            self.draft_experts + other.draft_experts)
 
     def as_dict(self) -> dict:
         """The flat mapping of `spac-run --json` and the stats line."""
@@ -46,6 +52,8 @@ class GenerationStats:
             "tokens_per_second": self.tokens_per_second,
             **self.decode.as_dict(),
             "draft_len": self.draft_len,
+            "draft": self.draft,
+            "draft_substitution_rate": self.draft_experts.substitution_rate,
             "expert_calls": dict(self.experts.calls),
             **self.experts.paging_dict(),
             "policy": self.policy,

@@ -37,49 +37,31 @@ cache/trained/) exported into cache/packages/; without them, a random-weight sta
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
 import statistics
 import sys
-import sysconfig
 import time
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+from spac.bench.measure import CONFIGS, PAGE_CACHE, SPAC, generate_all
+from spac.bench.prompts import (CALIBRATION_MODULES, HELDOUT_MODULES, PAGING_MODULES, WARMUP_MODULE,
+                                function_openings, heldout, warmup_prompt)
+from spac.bench.replay import MODELLED, package_scale, qwen3_30b_a3b, replay_profile, slots_for
+from spac.bench.trace import TraceRecorder, trace_frequencies
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-MODELLED = "MODELLED, not measured"
 BUDGETS = (0.10, 0.17, 0.25, 0.50, 1.00)
-# (name, speculative, policy, estimator)
-CONFIGS = (
-    ("lru", False, "lru", None),
-    ("static+SD", True, "static", None),
-    ("lru+SD", True, "lru", None),
-    ("spac+SD (spac-counter)", True, "spac", "spac-counter"),
-    ("spac+SD (decayed)", True, "spac", "decayed"),
-)
-SPAC = ("spac+SD (spac-counter)", "spac+SD (decayed)")
 DEFAULT_REPLAY = ("jetson-orin-agx-64gb", "rtx4090-desktop")
 
-# Prompts: the opening of the first function of standard-library modules that
-# scripts/train_small_moe.py holds out of training (its 10 % path-hash split), so the draft's
-# acceptance is not inflated by memorised text. Calibration uses other modules.
-HELDOUT_MODULES = ("argparse.py", "copy.py", "dis.py", "fileinput.py", "functools.py", "sysconfig.py",
-                   "tarfile.py", "timeit.py", "json/decoder.py", "unittest/suite.py", "xmlrpc/client.py",
-                   "html/__init__.py")
-CALIBRATION_MODULES = ("asyncio/events.py", "multiprocessing/connection.py", "importlib/metadata/__init__.py",
-                       "crypt.py")
-WARMUP_MODULE = "keyword.py"
-PROMPT_CHARS = 300
-HELDOUT_PERCENT = 10  # scripts/train_small_moe.py's split
 FULL = dict(prompts=8, max_new_tokens=96, repeats=3)
 QUICK = dict(prompts=2, max_new_tokens=24, repeats=1)
 
@@ -121,455 +103,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # =============================================================================================
-# Trace replay: importable, no ONNX Runtime needed.
-#
-# A trace is {"model": {"moe_layers": L, "num_experts": E, "top_k": k, ...},
-#             "prompts": [{"name", "warmup", "new_tokens", "rounds": [round, ...]}]},
-# a round {"kind": "prefill" | "verify" | "decode", "tokens": T, "accepted": a | None,
-#          "counts": [[tokens routed to expert e of MoE layer l]]}: one target pass.
-
-
-@dataclass(frozen=True)
-class Scale:
-    """The sizes the replay charges. Routing comes from the trace; each activated trace expert
-    stands for top_k / trace top-k activated experts, in each of layers / trace layers layers,
-    all with its hit or miss."""
-
-    name: str
-    expert_bytes: int
-    trunk_bytes: int  # target weights streamed per pass besides the routed experts
-    draft_bytes: int  # draft weights streamed per draft token
-    layers: int  # MoE layers
-    experts: int  # experts per MoE layer
-    top_k: int
-    draft_layers: int
-
-
-def qwen3_30b_a3b() -> Scale:
-    """Qwen3-30B-A3B in bf16 (48 layers, 128 experts of 3·2048·768, top-8, 32 query and 4 KV heads
-    of 128, vocabulary 151936) with Qwen3-0.6B (bf16) as the draft."""
-    hidden, layers, vocab = 2048, 48, 151936
-    attention = hidden * 32 * 128 * 2 + hidden * 4 * 128 * 2  # q, o + k, v
-    trunk = layers * (attention + hidden * 128) + vocab * hidden  # + router; + lm_head (embedding is a lookup)
-    return Scale("qwen3-30b-a3b (bf16) + qwen3-0.6b draft", expert_bytes=3 * hidden * 768 * 2, trunk_bytes=2 * trunk,
-                 draft_bytes=2 * 596_000_000, layers=layers, experts=128, top_k=8, draft_layers=28)
-
-
-def package_scale(model: dict) -> Scale:
-    return Scale(f"the package's own sizes ({model['bytes_per_expert'] / 1e6:.2f} MB per expert)", model["bytes_per_expert"],
-                 model["trunk_bytes"], model["draft_bytes"], model["moe_layers"], model["num_experts"],
-                 model["top_k"], model.get("draft_layers", 1))
-
-
-class PolicyCache:
-    """The cache tier under one policy, with ops/pager.py's rules: `lru` admits every expert it
-    had to fetch and evicts the least recently used; `static` holds a fixed set (the most frequent
-    in `frequencies`) and admits nothing; `spac` admits an expert only into a slot of lower
-    utility, never one of the layer being computed, slots of layers computed this pass first.
-    A capacity that holds every expert holds them all from the start (the runtime then loads
-    every expert), whatever the policy."""
-
-    def __init__(self, policy: str, capacity: int, shape: tuple[int, int], estimator=None, frequencies=None):
-        self.policy, self.capacity, self.shape, self.estimator = policy, capacity, shape, estimator
-        self.slots: OrderedDict[tuple[int, int], float] = OrderedDict()  # key -> utility, LRU order
-        layers, experts = shape
-        self.resident = capacity >= layers * experts
-        if self.resident:
-            self.slots.update(((l, e), 0.0) for l in range(layers) for e in range(experts))
-        elif policy == "static":
-            freq = np.zeros(shape) if frequencies is None else np.asarray(frequencies, dtype=np.float64)
-            for flat in np.argsort(-freq, axis=None, kind="stable")[:capacity]:
-                key = divmod(int(flat), experts)
-                self.slots[key] = float(freq.reshape(-1)[flat])
-
-    def __contains__(self, key) -> bool:
-        return key in self.slots
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def utility(self, key) -> float:
-        return float(self.estimator.utilities()[key]) if self.estimator is not None else 0.0
-
-    def touch(self, key) -> None:
-        self.slots.move_to_end(key)
-
-    def victim(self, utility: float, frozen, computed):
-        if self.policy == "lru":
-            return next(iter(self.slots), None)
-        candidates = [(key[0] not in computed, u, key) for key, u in self.slots.items()
-                      if key[0] != frozen and u < utility]
-        return min(candidates)[2] if candidates else None
-
-    def has_room_for(self, utility: float, frozen, computed) -> bool:
-        return len(self.slots) < self.capacity or self.victim(utility, frozen, computed) is not None
-
-    def admit(self, key, frozen, computed) -> bool:
-        if self.resident or self.policy == "static" or self.capacity == 0:
-            return key in self.slots
-        if key in self.slots:
-            return True
-        utility = self.utility(key)
-        if len(self.slots) >= self.capacity:
-            victim = self.victim(utility if self.policy == "spac" else math.inf, frozen, computed)
-            if victim is None:
-                return False
-            del self.slots[victim]
-        self.slots[key] = utility
-        return True
-
-    def refresh(self) -> None:
-        if self.estimator is not None and not self.resident:
-            utilities = self.estimator.utilities()
-            for key in self.slots:
-                self.slots[key] = float(utilities[key])
-
-
-class HostTier:
-    """The host tier behind a GPU's cache (GPU profiles only): LRU over the profile's host budget;
-    None means it holds every expert."""
-
-    def __init__(self, capacity: int | None):
-        self.capacity, self.slots = capacity, OrderedDict()
-        self.misses = 0
-
-    def read(self, key) -> bool:
-        """True if the expert was in host memory; a miss is read from storage and kept."""
-        if self.capacity is None:
-            return True
-        if key in self.slots:
-            self.slots.move_to_end(key)
-            return True
-        self.misses += 1
-        if self.capacity > 0:
-            if len(self.slots) >= self.capacity:
-                self.slots.popitem(last=False)
-            self.slots[key] = None
-        return False
-
-
-def stream_ms(profile, ep: str, tokens: float, nbytes: float, calls: int) -> float:
-    """A dense pass over `nbytes` of weights with the profile's cost law for `ep`: `calls` call
-    overheads + streaming + per-token arithmetic."""
-    cost = profile.expert_costs[ep]
-    return calls * cost.a_ms + nbytes / 1e6 * (cost.ms_per_mb + cost.b_ms_per_token_per_mb * tokens)
-
-
-def slots_for(fraction: float, total: int) -> int:
-    return int(math.floor(fraction * total + 1e-9))
-
-
-def replay(trace: dict, policy: str, budget: float, profile, scale: Scale, estimator: str | None = None,
-           frequencies=None) -> dict:
-    """Model one policy at one budget on one profile from a recorded trace. MODELLED, not measured.
-
-    The swept cache is the device tier on a profile with a GPU (the paper's "experts cached in
-    VRAM"; the host tier keeps the profile's budget) and the host tier on a CPU-only profile.
-    A round is the draft's γ tokens (the link prefetches meanwhile), then the target pass: each
-    MoE layer after its share of the trunk. On a GPU, `lru` fetches every miss over the link and
-    runs all experts on the GPU (MixtralOffload); `static` and `spac` split each layer between the
-    GPU (cached experts) and the CPU (misses, from host RAM) with the balancer's greedy plan. On
-    the CPU a miss is a storage read. `spac` prefetches, after each pass, the highest-utility
-    experts over the link, one at a time, dropping a request whose layer has started (the pager's
-    rules). Decode rounds are timed and counted; prefill and warm-up prompts only change the cache.
-    """
-    from spac.runtime.balancer import Costs, LayerInput, greedy_layer, layer_time
-    from spac.runtime.estimator import make_estimator
-
-    meta = trace["model"]
-    L, E = meta["moe_layers"], meta["num_experts"]
-    layer_mult = scale.layers / L
-    call_mult = max(1, round(scale.top_k / meta["top_k"]))
-    gpu = profile.has_gpu
-    ep = "cuda" if gpu else "cpu"
-    costs = Costs(profile, scale.expert_bytes)
-    storage_ms = profile.transfer_ms(scale.expert_bytes, "storage_to_host")
-    bundle = call_mult * layer_mult  # real experts per activated trace expert
-    link_ms = (costs.fetch_ms if gpu else storage_ms) * bundle
-    host = None
-    if gpu:
-        total = scale.expert_bytes * scale.layers * scale.experts
-        host_bytes = profile.budget_bytes("host", total, scale.trunk_bytes)
-        host = HostTier(None if host_bytes is None or host_bytes >= total else slots_for(host_bytes / total, L * E))
-    est = make_estimator(estimator, L, E) if policy == "spac" else None
-    cache = PolicyCache(policy, slots_for(budget, L * E), (L, E), est, frequencies)
-    prefetching = policy == "spac" and cache.capacity > 0 and not cache.resident
-    queue: list[tuple[int, int]] = []  # next round's prefetches, best first
-    in_flight = None  # (finish time, key): the worker reads one expert at a time
-    link_free = 0.0
-    totals = dict(seconds=0.0, tokens=0, rounds=0, hits=0, lookups=0, stall_ms=0.0, storage_ms=0.0,
-                  issued=0, used=0, dropped=0)
-    prefetched: set = set()
-
-    def complete(frozen, computed):
-        nonlocal in_flight
-        key = in_flight[1]
-        in_flight = None
-        if cache.admit(key, frozen, computed):
-            prefetched.add(key)
-        else:
-            totals["dropped"] += 1
-
-    def advance(until: float, layer: int | None, computed: set) -> None:
-        """Run the prefetch worker until `until`; `layer` is the layer being computed meanwhile
-        (None: the draft, after the last pass)."""
-        nonlocal in_flight, link_free
-        while True:
-            if in_flight is not None:
-                if in_flight[0] > until:
-                    return
-                complete(layer, computed)
-            if not queue or max(link_free, 0.0) >= until:
-                return
-            key = queue.pop(0)
-            if layer is not None and key[0] <= layer:  # its layer has started: stale
-                totals["dropped"] += 1
-                continue
-            if key in cache or not cache.has_room_for(cache.utility(key), layer, computed):
-                continue
-            read_ms = link_ms
-            if host is not None and not host.read(key):
-                read_ms += storage_ms * bundle
-            link_free = max(link_free, 0.0) + read_ms
-            in_flight = (link_free, key)
-
-    def run_layer(l: int, counts: np.ndarray, computed: set) -> tuple[float, float, int, int]:
-        """(ms for the real layers this trace layer stands for, of which storage reads, hits, lookups)."""
-        active = [int(e) for e in np.flatnonzero(counts)]
-        hits = [e for e in active if (l, e) in cache]
-        misses = [e for e in active if (l, e) not in cache]
-        for e in hits:
-            if (l, e) in prefetched:
-                prefetched.discard((l, e))
-                totals["used"] += 1
-            if policy == "lru":
-                cache.touch((l, e))
-        extra = 0.0  # storage reads on the critical path
-        if not gpu:
-            ms = sum(costs.cpu(float(counts[e])) for e in active) * call_mult + len(misses) * storage_ms * call_mult
-            extra = len(misses) * storage_ms * call_mult
-        else:
-            expanded = {e * call_mult + j: float(counts[e]) for e in active for j in range(call_mult)}
-            resident = frozenset(e * call_mult + j for e in hits for j in range(call_mult))
-            inp = LayerInput(expanded, resident)
-            if policy == "lru" and not cache.resident:
-                plan_gpu = expanded.keys()  # every expert on the GPU, misses fetched first
-            else:
-                plan_gpu = greedy_layer(costs, inp, free_slots=0).gpu
-            ms = layer_time(costs, inp, plan_gpu)
-            extra = sum(storage_ms * call_mult for e in misses if not host.read((l, e)))
-            ms += extra
-        for e in misses:
-            if policy != "lru" and gpu:
-                break  # static/spac compute GPU misses on the CPU: nothing moves to the device
-            cache.admit((l, e), l, computed)
-        return ms * layer_mult, extra * layer_mult, len(hits), len(active)
-
-    for prompt in trace["prompts"]:
-        counted = not prompt.get("warmup")
-        produced = 0
-        for rnd in prompt["rounds"]:
-            counts = np.asarray(rnd["counts"], dtype=np.int64)
-            kind, T = rnd["kind"], rnd["tokens"]
-            timed = counted and kind != "prefill"
-            gamma = T - 1 if kind == "verify" else 0
-            t = gamma * stream_ms(profile, ep, 1, scale.draft_bytes, scale.draft_layers)
-            trunk_share = stream_ms(profile, ep, T, scale.trunk_bytes, scale.layers) / L
-            computed = set(range(L))
-            if prefetching:
-                advance(t, None, computed)
-            stall_total = 0.0
-            for l in range(L):
-                t += trunk_share
-                computed = set(range(l))
-                if prefetching:
-                    advance(t, l - 1 if l else None, computed if l else set(range(L)))
-                    if in_flight is not None and in_flight[1][0] == l and counts[l, in_flight[1][1]] > 0:
-                        stall = in_flight[0] - t  # the layer needs the expert being read: wait
-                        t += stall
-                        stall_total += stall
-                        link_free = t
-                        complete(l, computed)
-                ms, extra, hits, lookups = run_layer(l, counts[l], computed)
-                t += ms
-                stall_total += extra
-                if timed:
-                    totals["hits"] += hits
-                    totals["lookups"] += lookups
-            if est is not None:
-                est.update(counts)
-                cache.refresh()
-            if prefetching:
-                totals["dropped"] += len(queue)
-                utilities = est.utilities()
-                queue = []
-                for flat in np.argsort(-utilities, axis=None, kind="stable")[:cache.capacity]:
-                    key = divmod(int(flat), E)
-                    if utilities[key] <= 0:
-                        break
-                    if key not in cache:
-                        queue.append(key)
-                totals["issued"] += len(queue)
-                link_free -= t
-                if in_flight is not None:
-                    in_flight = (in_flight[0] - t, in_flight[1])
-            if timed:
-                totals["seconds"] += t / 1000
-                totals["rounds"] += 1
-                totals["stall_ms"] += stall_total
-                produced += (rnd["accepted"] or 0) + 1
-        if counted:
-            limit = prompt.get("new_tokens")
-            totals["tokens"] += produced if limit is None else min(produced, max(limit - 1, 0))
-    return {
-        "tokens_per_second": totals["tokens"] / totals["seconds"] if totals["seconds"] else 0.0,
-        "hit_rate": totals["hits"] / totals["lookups"] if totals["lookups"] else 1.0,
-        "slots": cache.capacity, "host_misses": host.misses if host else None,
-        "prefetch": {k: totals[k] for k in ("issued", "used", "dropped")},
-        **{k: totals[k] for k in ("tokens", "rounds", "seconds", "stall_ms")},
-    }
-
-
-def trace_frequencies(trace: dict, include_warmup: bool = False) -> np.ndarray:
-    """Routing counts [layer, expert] summed over a trace's passes (static's offline counts)."""
-    meta = trace["model"]
-    total = np.zeros((meta["moe_layers"], meta["num_experts"]), dtype=np.int64)
-    for prompt in trace["prompts"]:
-        if include_warmup or not prompt.get("warmup"):
-            for rnd in prompt["rounds"]:
-                total += np.asarray(rnd["counts"], dtype=np.int64)
-    return total
-
-
-def replay_profile(traces: dict, profile_name: str, budgets, scale: Scale, frequencies) -> dict:
-    """Every measured configuration, modelled on one profile at every budget."""
-    from spac.runtime.profile import load_profile
-
-    profile = load_profile(profile_name)
-    out = {"note": MODELLED, "profile": profile.name, "description": profile.description,
-           "swept_tier": "device" if profile.has_gpu else "host", "budgets": list(budgets), "policies": {}}
-    for name, speculative, policy, estimator in CONFIGS:
-        trace = traces["sd" if speculative else "no-sd"]
-        out["policies"][name] = [
-            {"budget": b, **replay(trace, policy, b, profile, scale, estimator, frequencies)} for b in budgets]
-    return out
-
-
-# =============================================================================================
-# Recording traces from a Runtime
-
-
-class TraceRecorder:
-    """Records every target pass of a Runtime: tokens routed per expert per MoE layer (through
-    ModelRunner.on_routing) and, from the KV-cache length before each pass, the draft tokens each
-    verify round accepted. A pass on an empty cache is a prefill and starts a new prompt; the
-    last round of a prompt is settled from the cache length just before the next reset."""
-
-    def __init__(self, runtime, speculative: bool):
-        self.runner, self.speculative = runtime.target, speculative
-        target = runtime.manifest.target
-        self.position = {layer: i for i, layer in enumerate(target.moe_layers)}
-        self.shape = (len(target.moe_layers), target.dims["num_experts"])
-        self.prompts: list[list[dict]] = []
-        forward = self.runner.forward
-
-        def recorded(tokens):
-            self._begin(len(tokens), self.runner.length)
-            return forward(tokens)
-
-        reset = self.runner.reset
-
-        def settle_then_reset():
-            self._close()
-            return reset()
-
-        self.runner.forward = recorded
-        self.runner.reset = settle_then_reset
-        self.runner.on_routing = self._routing
-
-    def _begin(self, tokens: int, length: int) -> None:
-        if length == 0:
-            self.prompts.append([])
-        self.prompts[-1].append({"tokens": tokens, "start": length, "counts": np.zeros(self.shape, np.int64)})
-
-    def _routing(self, layer: int, topk_ids: np.ndarray) -> None:
-        counts = self.prompts[-1][-1]["counts"][self.position[layer]]
-        np.add.at(counts, topk_ids.reshape(-1), 1)
-
-    def _close(self) -> None:
-        """Settle the last prompt's rounds: each one's acceptance from the next one's start."""
-        if not self.prompts or not self.prompts[-1] or "kind" in self.prompts[-1][-1]:
-            return
-        rounds = self.prompts[-1]
-        ends = [r["start"] for r in rounds[1:]] + [self.runner.length]
-        for r, end in zip(rounds, ends):
-            if "kind" in r:
-                continue
-            if r["start"] == 0:
-                r["kind"], r["accepted"] = "prefill", None
-            elif self.speculative and r["tokens"] > 1:
-                r["kind"], r["accepted"] = "verify", end - r["start"] - 1
-                if not 0 <= r["accepted"] < r["tokens"]:
-                    raise RuntimeError(f"a verify pass of {r['tokens']} tokens from position {r['start']} left "
-                                       f"{end} cached: cannot settle its acceptance")
-            else:
-                r["kind"], r["accepted"] = "decode", 0
-
-    def trace(self, names: list[str], new_tokens: list[int], warmup: int = 1) -> list[dict]:
-        self._close()
-        if len(self.prompts) != len(names):
-            raise RuntimeError(f"recorded {len(self.prompts)} prompts, expected {len(names)}")
-        return [{"name": name, "warmup": i < warmup, "new_tokens": n,
-                 "rounds": [{"kind": r["kind"], "tokens": r["tokens"], "accepted": r["accepted"],
-                             "counts": r["counts"].tolist()} for r in rounds]}
-                for i, (name, n, rounds) in enumerate(zip(names, new_tokens, self.prompts))]
-
-
-# =============================================================================================
 # Measuring
-
-
-def heldout(module: str) -> bool:
-    """Whether scripts/train_small_moe.py holds this standard-library path out of training."""
-    return int(hashlib.sha256(module.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
-
-
-def snippets(modules) -> dict[str, str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    found = {}
-    for name in modules:
-        path = stdlib / name
-        if not path.is_file():
-            continue
-        text = path.read_text(encoding="utf-8")
-        start = text.find("\ndef ") + 1
-        found[name] = text[start:start + PROMPT_CHARS]
-    return found
 
 
 def choose_prompts(args) -> tuple[dict[str, str], dict[str, str], str]:
     """(measured prompts, calibration prompts, warm-up prompt)."""
-    import bench_paging
-
-    if args.prompt_set == "paging":
-        measured = {k: v for k, v in bench_paging.prompts().items() if k != bench_paging.WARMUP_MODULE}
-    else:
-        measured = snippets(HELDOUT_MODULES)
+    measured = function_openings(PAGING_MODULES if args.prompt_set == "paging" else HELDOUT_MODULES)
     measured = dict(list(measured.items())[:args.prompts])
-    calibration = measured if args.calibration == "same" else snippets(CALIBRATION_MODULES)
-    return measured, calibration, snippets([WARMUP_MODULE])[WARMUP_MODULE]
+    calibration = measured if args.calibration == "same" else function_openings(CALIBRATION_MODULES)
+    return measured, calibration, warmup_prompt()
 
 
 def run_config(package, texts: dict[str, str], warmup: str, args, speculative: bool, record: bool = False,
                **runtime_args) -> dict:
     """One fresh Runtime: a warm-up generation (ORT warm-up, first reads), then every prompt."""
-    import bench_paging
     from spac.runtime import Runtime
 
     with Runtime(package, draft_len=args.draft_len, threads=args.threads, **runtime_args) as runtime:
         recorder = TraceRecorder(runtime, speculative) if record else None
         warm = runtime.generate(warmup, max_new_tokens=8, speculative=speculative)
-        result = bench_paging.measure(runtime, list(texts.values()), speculative, args.max_new_tokens)
+        result = generate_all(runtime, list(texts.values()), speculative, args.max_new_tokens)
         if recorder is not None:
             lengths = [len(warm.token_ids)] + [len(ids) for ids in result["token_ids"]]
             result["trace"] = recorder.trace([WARMUP_MODULE, *texts], lengths)
@@ -869,7 +422,7 @@ def main(argv=None) -> int:
     print(f"{args.prompts} prompts ({args.prompt_set}), {args.max_new_tokens} new tokens each, γ = {args.draft_len}, "
           f"{args.threads} threads, budgets {', '.join(f'{b:.0%}' for b in args.budgets)}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"storage reads: {bench_paging.PAGE_CACHE}\n")
+    print(f"storage reads: {PAGE_CACHE}\n")
     measured, traces = measure_all(args, package, meta)
     print_measured(measured)
     results = {
@@ -879,7 +432,7 @@ def main(argv=None) -> int:
         "settings": {"budgets": list(args.budgets), "prompts": args.prompts, "prompt_set": args.prompt_set,
                      "repeats": args.repeats,
                      "max_new_tokens": args.max_new_tokens, "draft_len": args.draft_len, "threads": args.threads,
-                     "calibration": args.calibration, "quick": args.quick, "page_cache": bench_paging.PAGE_CACHE,
+                     "calibration": args.calibration, "quick": args.quick, "page_cache": PAGE_CACHE,
                      "cpus": os.cpu_count(), "load_average_end": os.getloadavg()[0],
                      "python": platform.python_version(), "machine": platform.machine()},
         "measured": measured,

@@ -39,6 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from spac.bench.measure import generate_all
+from spac.bench.prompts import CALIBRATION_MODULES, HELDOUT_MODULES, function_openings
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -48,7 +51,7 @@ CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads w
     "lru": (dict(policy="lru", direct_io=True), False),
     "static+SD": (dict(policy="static", direct_io=True), True),
     "spac+SD": (dict(policy="spac", direct_io=True), True),
-    "spac+SD+lookahead": (dict(policy="spac", direct_io=True, lookahead=True), True),
+    "spac+SD+lookahead": (dict(policy="spac", direct_io=True, layer_lookahead=True), True),
 }
 LLAMA = "llama.cpp (mmap)"
 LLAMA_BINARIES = ("llama-simple", "llama-bench")
@@ -82,10 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prompt_sets(count: int) -> tuple[list[str], list[str]]:
     """(measured, calibration) prompts: held-out standard-library functions, as scripts/bench.py."""
-    import bench
-
-    measured = list(bench.snippets(bench.HELDOUT_MODULES).values())[:count]
-    return measured, list(bench.snippets(bench.CALIBRATION_MODULES).values())
+    measured = list(function_openings(HELDOUT_MODULES).values())[:count]
+    return measured, list(function_openings(CALIBRATION_MODULES).values())
 
 
 def reference_tokens(model_dir: Path, package: Path, prompts: list[str], new_tokens: int) -> list[list[int]]:
@@ -113,7 +114,6 @@ def reference_tokens(model_dir: Path, package: Path, prompts: list[str], new_tok
 
 def worker(config: dict) -> dict:
     """One run, inside its cap: generate every prompt, record the routing."""
-    import bench_paging
     from spac.runtime import Runtime
 
     frequencies = np.asarray(config["static_frequencies"]) if config.get("static_frequencies") else None
@@ -131,13 +131,14 @@ def worker(config: dict) -> dict:
             for text in calibration:
                 runtime.generate(text, max_new_tokens=config["max_new_tokens"], speculative=speculative)
         runtime.target.on_routing = lambda layer, ids: routing.append((layer, sorted(set(ids.reshape(-1).tolist()))))
-        result = bench_paging.measure(runtime, config["prompts"], speculative, config["max_new_tokens"])
+        result = generate_all(runtime, config["prompts"], speculative, config["max_new_tokens"])
         experts = runtime.experts
         every = len(runtime.manifest.target.moe_layers) * runtime.manifest.target.dims["num_experts"]
         result.update(slots=getattr(experts, "capacity", every), routing=routing,
                       static_frequencies=None if counts is None else counts.tolist(),
                       memory=runtime.memory.as_dict() if runtime.memory else None,
-                      lookahead=experts.lookahead.as_dict() if getattr(experts, "lookahead", None) else None)
+                      lookahead=(experts.layer_lookahead.as_dict()
+                                 if getattr(experts, "layer_lookahead", None) else None))
         return result
 
 

@@ -18,7 +18,7 @@ the ratios spac/static and spac/lru (goal: ≥ 1.42 and ≥ 4). Every run must p
 greedy tokens; the script says whether they did.
 
 Storage reads are whole-file preads followed by posix_fadvise(POSIX_FADV_DONTNEED)
-(spac.ops.pager.ExpertFiles.read), after an os.sync() so that freshly written files are clean:
+(spac.ops.storage.ExpertFiles.read), after an os.sync() so that freshly written files are clean:
 the OS page cache cannot act as an unbudgeted RAM tier.
 
 Model: the Qwen3-MoE trained on the standard library (cache/trained/small-moe + small-draft,
@@ -33,11 +33,12 @@ import argparse
 import json
 import os
 import sys
-import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np
+
+from spac.bench.measure import PAGE_CACHE, generate_all
+from spac.bench.prompts import PAGING_MODULES, function_openings, warmup_prompt
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -49,12 +50,6 @@ PACKAGES = REPO / "cache" / "packages"
 RANDOM_SHAPE = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
                     head_dim=32, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=256,
                     intermediate_size=768)
-# Prompts: the opening of the first function of some standard-library modules.
-PROMPT_MODULES = ("bisect.py", "heapq.py", "textwrap.py", "shlex.py", "fnmatch.py", "calendar.py",
-                  "copy.py", "string.py")
-PROMPT_CHARS = 300
-WARMUP_MODULE = "keyword.py"
-PAGE_CACHE = "os.pread + posix_fadvise(POSIX_FADV_DONTNEED) after each read, os.sync() before the runs"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +69,7 @@ def export(model: Path, draft: Path, package: Path) -> Path:
     newest = max(f.stat().st_mtime for d in (model, draft) for f in d.iterdir())
     manifest = package / "manifest.yaml"
     if not manifest.exists() or manifest.stat().st_mtime < newest:
+        package.parent.mkdir(parents=True, exist_ok=True)
         if export_main([str(model), "--draft", str(draft), "-o", str(package), "--force", "--quiet"]):
             raise SystemExit(f"spac-export of {model} failed")
     return package
@@ -96,52 +92,6 @@ def model_package() -> tuple[Path, str]:
     return export(model, draft, root / "package"), description
 
 
-def prompts() -> dict[str, str]:
-    """Module name -> its first function's opening lines."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    found = {}
-    for name in (*PROMPT_MODULES, WARMUP_MODULE):
-        text = (stdlib / name).read_text(encoding="utf-8")
-        start = text.find("\ndef ") + 1
-        found[name] = text[start:start + PROMPT_CHARS]
-    return found
-
-
-def measure(runtime, texts: list[str], speculative: bool, max_new_tokens: int) -> dict:
-    """Generate from every prompt; totals over all of them."""
-    totals = dict(new_tokens=0, decode_tokens=0, decode_seconds=0.0, seconds=0.0, hits=0, misses=0,
-                  bytes_read=0, read_seconds=0.0, stall_seconds=0.0, issued=0, used=0, dropped=0, proposed=0, accepted=0)
-    tokens = []
-    for text in texts:
-        started = time.perf_counter()
-        result = runtime.generate(text, max_new_tokens=max_new_tokens, speculative=speculative)
-        totals["seconds"] += time.perf_counter() - started
-        stats = result.stats.as_dict()
-        tokens.append(result.token_ids)
-        totals["new_tokens"] += stats["new_tokens"]
-        totals["decode_tokens"] += stats["new_tokens"] - 1  # the first comes from the prefill
-        totals["decode_seconds"] += stats["decode_seconds"]
-        totals["stall_seconds"] += stats["stall_seconds"]
-        totals["bytes_read"] += stats["bytes_paged"]
-        totals["proposed"] += stats["draft_tokens_proposed"]
-        totals["accepted"] += stats["draft_tokens_accepted"]
-        if "tiers" in stats:  # paged: resident runs have no tiers
-            totals["hits"] += stats["tiers"]["host"]["hits"]
-            totals["misses"] += stats["tiers"]["host"]["misses"]
-            totals["read_seconds"] += stats["tiers"]["storage"]["read_seconds"]
-            for key in ("issued", "used", "dropped"):
-                totals[key] += stats["prefetch"][key]
-    lookups = totals["hits"] + totals["misses"]
-    return {
-        "tokens_per_second": totals["decode_tokens"] / totals["decode_seconds"],
-        "end_to_end_tokens_per_second": totals["new_tokens"] / totals["seconds"],
-        "hit_rate": totals["hits"] / lookups if lookups else 1.0,
-        "acceptance_rate": totals["accepted"] / totals["proposed"] if totals["proposed"] else None,
-        **totals,
-        "token_ids": tokens,
-    }
-
-
 def run(package: Path, texts: list[str], warmup: str, args, speculative: bool, routing_counts=None,
         **runtime_args) -> dict:
     """One configuration in a fresh Runtime; `routing_counts[layer, expert]` (if given) counts the
@@ -152,7 +102,7 @@ def run(package: Path, texts: list[str], warmup: str, args, speculative: bool, r
         runtime.generate(warmup, max_new_tokens=8, speculative=speculative)  # ORT warm-up, first reads
         if routing_counts is not None:
             runtime.target.on_routing = lambda layer, ids: np.add.at(routing_counts[layer], ids.reshape(-1), 1)
-        return measure(runtime, texts, speculative, args.max_new_tokens)
+        return generate_all(runtime, texts, speculative, args.max_new_tokens)
 
 
 def main(argv=None) -> int:
@@ -165,8 +115,8 @@ def main(argv=None) -> int:
     moe = manifest.target
     total, per_expert = manifest.expert_bytes_total(), moe.experts.bytes_per_expert
     budget = int(args.budget * total)
-    found = prompts()
-    warmup = found.pop(WARMUP_MODULE)
+    found = function_openings(PAGING_MODULES)
+    warmup = warmup_prompt()
     texts = list(found.values())
     print(f"model: {description}")
     print(f"package: {package}: {len(moe.moe_layers)} MoE layers × {moe.dims['num_experts']} experts, top-"

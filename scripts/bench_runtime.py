@@ -4,6 +4,7 @@ against transformers' eager `generate` on the same model, measured in one run.
 
     python scripts/bench_runtime.py [--threads 2] [--tokens 64] [--thread-pool global|per-session]
                                     [--out results/bench_runtime.json]
+    python scripts/bench_runtime.py --quick    # 32 tokens, 3 rounds
 
 The model is a random-weight Qwen3-MoE big enough that kernels dominate (hidden 1024, 8 layers,
 32 experts, top-4), built and exported once into --work (cached). Prints the ratio and a
@@ -171,7 +172,10 @@ def main(argv=None) -> None:
                         help="ORT thread pools of the Runtime, as spac-run's --thread-pool (default: global, "
                              "the spac-run command's)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_runtime.json"))
+    parser.add_argument("--quick", action="store_true", help="a short run: --tokens 32 --repeats 3")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.repeats = 32, 3
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir, package = build_package(args.work)
     prompt = list(range(10, 26))

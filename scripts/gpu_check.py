@@ -11,9 +11,12 @@ Stages, each written to the JSON file as soon as it is done (a run cut short kee
 1. environment: onnxruntime.get_available_providers(), whether a CUDA session really runs, and
    torch/nvidia-smi when present. Without the CUDA EP it says so and runs what it can.
 2. package: a random-weight package of Qwen3-30B-A3B's shape (hidden 2048, 32 query / 4 KV heads
-   of 128, 128 experts of moe_intermediate 768, top-8) with --layers MoE layers, float32, written
-   directly as ONNX + manifest with numpy and onnx (no torch, no transformers: the GPU image's
-   versions need not match ours). Routing of random weights is almost i.i.d. across tokens.
+   of 128, 128 experts of moe_intermediate 768, top-8) with --layers MoE layers, float32. The GPU
+   machine has neither torch nor transformers (nor room to carry a multi-GB package there), so
+   the trunk graphs are written here with onnx.helper; the experts, the file table and the
+   manifest come from the package's own code (spac.ops.expert_graph, EXPERT_FILE_PATTERN,
+   write_package_manifest), as spac-export writes them. Routing of random weights is almost
+   i.i.d. across tokens.
 3. device: the host tier holds every expert (preloaded), the device tier --device-budget of the
    expert bytes (a copy of profiles/h100-budget.yaml), experts on the CUDA EP through DeviceSlots
    and the balancer. Without CUDA the slots' kernel runs on the CPU EP instead (labelled: the
@@ -41,13 +44,17 @@ import platform
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import traceback
+from functools import reduce
+from operator import add
 from pathlib import Path
 
 import numpy as np
+
+from spac.bench.measure import CONFIGS, SPAC
+from spac.bench.prompts import function_openings, stdlib_root
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -64,13 +71,6 @@ SHAPES = {
 MAX_POSITIONS = 4096
 ROPE_THETA = 1_000_000.0
 PROMPT_MODULES = ("bisect.py", "heapq.py", "textwrap.py", "shlex.py")
-RUNS = (  # name, speculative, policy, estimator
-    ("lru", False, "lru", None),
-    ("static+SD", True, "static", None),
-    ("lru+SD", True, "lru", None),
-    ("spac+SD (spac-counter)", True, "spac", "spac-counter"),
-    ("spac+SD (decayed)", True, "spac", "decayed"),
-)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -190,8 +190,10 @@ class Graph:
     def model(self, inputs, outputs):
         from onnx import helper
 
+        from spac.ops.expert_graph import OPSET
+
         graph = helper.make_graph(self.nodes, self.name, inputs, outputs, initializer=self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="moe-spac")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="moe-spac")
         model.ir_version = 9
         return model
 
@@ -273,7 +275,7 @@ def moe_layer_graph(dims: dict, rng):
     g.op("Squeeze", [x, g.const(np.array([0], np.int64))], outputs=["moe_input"])
     router = g.const(rng.standard_normal((dims["hidden"], dims["experts"]), np.float32) * 4 / math.sqrt(dims["hidden"]),
                      "router")
-    probs = g.op("Softmax", [g.op("MatMul", ["moe_input", router])], axis=-1)
+    probs = g.op("Softmax", [g.op("MatMul", ["moe_input", router], outputs=["router_logits"])], axis=-1)
     values, _ = g.op("TopK", [probs, g.const(np.array([dims["top_k"]], np.int64))], outputs=["topk_values", "topk_ids"],
                      axis=-1)
     g.op("Div", [values, g.op("ReduceSum", [values, g.const(np.array([-1], np.int64))], keepdims=1)],
@@ -282,7 +284,8 @@ def moe_layer_graph(dims: dict, rng):
     outputs = [helper.make_tensor_value_info("residual", f, [1, "tokens", dims["hidden"]]),
                helper.make_tensor_value_info("moe_input", f, ["tokens", dims["hidden"]]),
                helper.make_tensor_value_info("topk_ids", TensorProto.INT64, ["tokens", dims["top_k"]]),
-               helper.make_tensor_value_info("topk_weights", f, ["tokens", dims["top_k"]]), *kv_outputs(dims)]
+               helper.make_tensor_value_info("topk_weights", f, ["tokens", dims["top_k"]]),
+               helper.make_tensor_value_info("router_logits", f, ["tokens", dims["experts"]]), *kv_outputs(dims)]
     return g.model(trunk_inputs(dims), outputs)
 
 
@@ -340,8 +343,7 @@ def build_tokenizer(path: Path, vocab: int) -> int:
     """A byte-level BPE tokenizer trained on a few standard-library files; its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "heapq.py", "bisect.py")]
+    texts = [(stdlib_root() / name).read_text(encoding="utf-8") for name in ("textwrap.py", "heapq.py", "bisect.py")]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -356,7 +358,7 @@ def build_tokenizer(path: Path, vocab: int) -> int:
 def build_package(root: Path, shape: str, layers: int, seed: int = 0) -> Path:
     """Write the package (skipped when `root` already holds this shape's)."""
     from spac.ops.expert_graph import build_expert_graph, expert_tensors
-    from spac.runtime.manifest import SCHEMA_VERSION, sha256_file, write_manifest
+    from spac.runtime.manifest import EXPERT_FILE_PATTERN, write_package_manifest
 
     s = SHAPES[shape]
     tag = f"gpu-check {shape} layers={layers} seed={seed}"
@@ -398,7 +400,7 @@ def build_package(root: Path, shape: str, layers: int, seed: int = 0) -> Path:
     tensors = expert_tensors("swiglu", s["hidden"], s["expert_intermediate"], "float32")
     floats = sum(t.nbytes for t in tensors) // 4
     pool = (rng.standard_normal(floats + (1 << 20), np.float32) * 0.02)
-    pattern = "target/experts/L{layer:03d}/E{expert:04d}"
+    pattern = EXPERT_FILE_PATTERN
     stub = build_expert_graph(spec, s["hidden"], s["expert_intermediate"], "float32", data_file="DATA")
     for layer in range(layers):
         (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
@@ -414,15 +416,9 @@ def build_package(root: Path, shape: str, layers: int, seed: int = 0) -> Path:
     tgt["experts"] = {"spec": spec, "tensors": [{"name": t.name, "shape": list(t.shape), "offset": t.offset,
                                                  "nbytes": t.nbytes} for t in tensors],
                       "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern}
-    files = {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(root.rglob("*")) if p.is_file()}
-    write_manifest(root, {
-        "schema_version": SCHEMA_VERSION, "producer": "moe-spac", "source": {"model": tag, "draft": tag},
-        "dtype": "float32", "opset": 20,
-        "tokenizer": {"files": ["tokenizer/tokenizer.json"], "eos_token_ids": [], "bos_token_id": None,
-                      "chat_template": None, "bos_token": None, "eos_token": None},
-        "target": tgt, "draft": drf, "files": files,
-    })
+    tokenizer = {"files": ["tokenizer/tokenizer.json"], "eos_token_ids": [], "bos_token_id": None,
+                 "chat_template": None, "bos_token": None, "eos_token": None}
+    write_package_manifest(root, {"model": tag, "draft": tag}, "float32", tokenizer, tgt, drf)
     return root
 
 
@@ -499,47 +495,32 @@ def one_run(make_runtime, prompts: list[str], speculative: bool, args, reference
                                                   args.acceptance, args.seed)
         runtime.generate(prompts[0][:40], max_new_tokens=4, speculative=speculative)  # ORT warm-up
         runtime.experts.routing_totals[:] = 0
-        totals = dict(decode_tokens=0, decode_seconds=0.0, proposed=0, accepted=0, stall_seconds=0.0)
-        tiers = {"device_hits": 0, "device_fetches": 0, "device_bytes_copied": 0, "host_hits": 0, "host_misses": 0,
-                 "storage_bytes_read": 0}
-        calls: dict[str, int] = {}
-        prefetch = dict(issued=0, used=0, dropped=0)
-        tokens = []
+        results = []
         for i, text in enumerate(prompts):
             if draft is not None:
                 ids = runtime.tokenizer.encode_prompt(text)
                 draft.reference = ids + references[i]
-            result = runtime.generate(text, max_new_tokens=args.max_new_tokens, speculative=speculative)
-            stats = result.stats.as_dict()
-            tokens.append(result.token_ids)
-            totals["decode_tokens"] += stats["new_tokens"] - 1
-            totals["decode_seconds"] += stats["decode_seconds"]
-            totals["proposed"] += stats["draft_tokens_proposed"]
-            totals["accepted"] += stats["draft_tokens_accepted"]
-            totals["stall_seconds"] += stats["stall_seconds"]
-            t = stats["tiers"]
-            tiers["device_hits"] += t["device"]["hits"]
-            tiers["device_fetches"] += t["device"]["fetches"]
-            tiers["device_bytes_copied"] += t["device"]["bytes_copied"]
-            tiers["host_hits"] += t["host"]["hits"]
-            tiers["host_misses"] += t["host"]["misses"]
-            tiers["storage_bytes_read"] += t["storage"]["bytes_read"]
-            for provider, n in stats["expert_calls"].items():
-                calls[provider] = calls.get(provider, 0) + n
-            for key in prefetch:
-                prefetch[key] += stats["prefetch"][key]
+            results.append(runtime.generate(text, max_new_tokens=args.max_new_tokens, speculative=speculative))
         routing = runtime.experts.routing_totals.copy()
         has_device = runtime.experts.device is not None
-    lookups = tiers["host_hits"] + tiers["host_misses"]
+    stats = reduce(add, (r.stats for r in results))
+    paging, calls = stats.experts.paging, dict(stats.experts.calls)
+    tiers = {name: getattr(paging, name) for name in ("device_hits", "device_fetches", "device_bytes_copied",
+                                                      "host_hits", "host_misses", "storage_bytes_read")}
+    lookups = paging.host_hits + paging.host_misses
     device_lookups = sum(calls.values()) if has_device else 0
     return {
-        "tokens_per_second": totals["decode_tokens"] / totals["decode_seconds"] if totals["decode_seconds"] else 0.0,
-        "acceptance_rate": totals["accepted"] / totals["proposed"] if totals["proposed"] else None,
-        "host_hit_rate": tiers["host_hits"] / lookups if lookups else 1.0,
-        "device_hit_rate": tiers["device_hits"] / device_lookups if device_lookups else None,
-        "expert_calls": calls, **totals, **tiers, "prefetch": prefetch,
+        "tokens_per_second": stats.tokens_per_second,
+        "acceptance_rate": stats.decode.acceptance_rate if stats.decode.proposed else None,
+        "host_hit_rate": paging.host_hits / lookups if lookups else 1.0,
+        "device_hit_rate": paging.device_hits / device_lookups if device_lookups else None,
+        "expert_calls": calls, "decode_tokens": stats.decoded_tokens, "decode_seconds": stats.decode_seconds,
+        "proposed": stats.decode.proposed, "accepted": stats.decode.accepted, "stall_seconds": paging.stall_seconds,
+        **tiers, "prefetch": {"issued": paging.prefetch_issued, "used": paging.prefetch_used,
+                              "dropped": paging.prefetch_dropped},
         "load_seconds": load_seconds, "warm_host_seconds": warm_seconds,
-        "wall_seconds": time.perf_counter() - started, "token_ids": tokens, "routing": routing,
+        "wall_seconds": time.perf_counter() - started, "token_ids": [r.token_ids for r in results],
+        "routing": routing,
     }
 
 
@@ -548,15 +529,10 @@ def run_mode(mode: str, package: Path, args, env: dict, deadline: float, report)
     from spac.runtime import Runtime
     from spac.runtime.profile import load_profile, save_profile
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    prompts = []
     if mode == "host":  # cold storage paging of random routing: keep it short
         args = argparse.Namespace(**{**vars(args), "prompts": 1,
                                      "max_new_tokens": min(args.max_new_tokens, args.host_max_new_tokens)})
-    for name in PROMPT_MODULES[:args.prompts]:
-        text = (stdlib / name).read_text(encoding="utf-8")
-        start = text.find("\ndef ") + 1
-        prompts.append(text[start:start + 300])
+    prompts = list(function_openings(PROMPT_MODULES[:args.prompts]).values())
     out = {"runs": {}, "notes": [], "prompts": len(prompts), "max_new_tokens": args.max_new_tokens}
     if mode == "device":
         kernel = "cuda" if env["cuda_ep_runs"] else "cpu"
@@ -587,7 +563,7 @@ def run_mode(mode: str, package: Path, args, env: dict, deadline: float, report)
         warm = False
 
     references, frequencies, expected = None, None, None
-    for name, speculative, policy, estimator in RUNS:
+    for name, speculative, policy, estimator in CONFIGS:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or (expected is not None and remaining < 1.5 * expected):
             out["notes"].append(f"skipped {name} and later runs: {remaining:.0f} s left of the time budget")
@@ -620,7 +596,7 @@ def run_mode(mode: str, package: Path, args, env: dict, deadline: float, report)
     runs = out["runs"]
     ok = {k: v for k, v in runs.items() if "error" not in v}
     ratios = {}
-    for name in ("spac+SD (spac-counter)", "spac+SD (decayed)"):
+    for name in SPAC:
         if name in ok:
             for base in ("static+SD", "lru"):
                 if base in ok and ok[base]["tokens_per_second"]:

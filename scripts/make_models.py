@@ -97,6 +97,10 @@ MOE_CONFIGS = {
         num_experts=8, moe_intermediate_size=32, intermediate_size=128, norm_topk_prob=True,
     ),
     "olmoe": dict(num_experts=8, intermediate_size=32),
+    # OLMo-2's post-norm layers: a norm after attention and after the routed experts' sum. Its
+    # routers see the un-normed residual stream, in which at the default init std the tokens'
+    # embeddings are small beside the normed attention output, so tokens would route alike.
+    "flex_olmo": dict(num_experts=8, intermediate_size=32, initializer_range=0.1),
     "deepseek_v3": dict(
         # Multi-head latent attention: no GQA, per-head dims set by the q/k/v fields below.
         num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
@@ -242,7 +246,8 @@ def _randomize_constant_inits(model: torch.nn.Module) -> None:
     """Give biases, sinks, DeepSeek's e_score_correction_bias and norm weights random values."""
     stds = {"sinks": SINK_STD, "e_score_correction_bias": SCORE_CORRECTION_STD}
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
+        # (transformers 5.25's Llama 4 has weightless RMS norms)
+        if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
             torch.nn.init.normal_(module.weight, mean=1.0, std=NORM_WEIGHT_STD)
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if name in stds or name.endswith("bias"):
@@ -280,6 +285,51 @@ def make_model(family: str, out_dir, seed: int = 0, **overrides) -> Path:
     model.generation_config = GenerationConfig(**special_ids, do_sample=False)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def make_streamed_model(family: str, out_dir, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                        tensors_per_shard: int = 64, **overrides) -> Path:
+    """Like make_model, but the weights are written shard by shard from random tensors with the
+    safetensors library, never held whole: for checkpoints larger than memory (Qwen3-30B-A3B's
+    layer shape, ≈ 1.2 GB of bf16 experts per layer). The names and shapes are those
+    save_pretrained writes (transformers' reverse conversion of the model's meta state dict);
+    values are normal with std 0.02 (norm weights around 1), not the model's own initialisation.
+    Shards hold `tensors_per_shard` tensors each, listed in model.safetensors.index.json."""
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
+
+    fields = {**_MOE_COMMON, **MOE_CONFIGS[family]} if family in MOE_CONFIGS else {**_DRAFT_COMMON, **DRAFT_CONFIGS[family]}
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(out_dir)
+    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(family, **{"vocab_size": len(tokenizer), **special_ids, **fields, **overrides})
+    config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    GenerationConfig(**special_ids, do_sample=False).save_pretrained(out_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    on_disk = revert_weight_conversion(model, model.state_dict())
+    names = sorted(name for name in on_disk if name not in model.all_tied_weights_keys)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, shards = {}, [names[i:i + tensors_per_shard] for i in range(0, len(names), tensors_per_shard)]
+    for number, shard in enumerate(shards, 1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: _random_tensor(name, on_disk[name].shape, dtype, generator) for name in shard}
+        save_file(tensors, out_dir / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        del tensors
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
+
+
+def _random_tensor(name: str, shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02
+    if name.endswith("norm.weight"):
+        tensor += 1.0
+    return tensor.to(dtype)
 
 
 def _recipe_hash(**args) -> str:

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Train a small Qwen3-MoE and a dense Qwen3 draft on the Python standard library, on the CPU.
 
-Random-weight models route almost i.i.d. and an unrelated draft is never accepted, so policy
-benchmarks need a model that has learned something (DESIGN.md, "Measuring honestly"). This
-script trains one on 2 cores in under 30 minutes (26 measured on a busy shared machine):
+Random-weight models route almost i.i.d. and an unrelated draft is never accepted, so a policy
+benchmark on them proves little: the benchmarks need a model that has learned something, and
+the standard library's sources are on every machine. This script trains one on 2 cores in under
+30 minutes (26 measured on a busy shared machine):
 
     python scripts/train_small_moe.py              # full run → cache/trained/{small-moe,small-draft}
     python scripts/train_small_moe.py --quick      # about a minute, for tests
+    python scripts/train_small_moe.py --preset demo  # minutes → cache/trained-demo (scripts/demo.py)
     python scripts/train_small_moe.py --force      # retrain even if the cache matches
 
 The corpus is the standard library's own .py sources (tests and site-packages left out), split
@@ -61,6 +63,15 @@ PROMPT_TOKENS = 64  # context given to speculative decoding before it generates
 QUICK = dict(moe_steps=20, draft_steps=20, batch_size=4, seq_len=128, max_files=40,
              eval_windows=4, spec_snippets=2, spec_tokens=16)
 
+# --preset NAME sets these defaults (flags given on the command line still win). demo: what
+# scripts/demo.py shows a newcomer, trained in a few minutes on 2 cores: shorter windows, fewer
+# steps at a higher learning rate, a smaller evaluation. Its own folder keeps it from replacing
+# the full run's models.
+PRESETS = {
+    "demo": dict(out=REPO / "cache" / "trained-demo", seq_len=128, moe_steps=450, draft_steps=150,
+                 lr=4e-3, eval_windows=16, spec_snippets=8, spec_tokens=48),
+}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -71,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seeds weights and data order; same seed, same weights")
     p.add_argument("--quick", action="store_true",
                    help=f"tiny run for tests (seconds), overriding {', '.join(QUICK)}")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="a named set of defaults: " + "; ".join(
+                       f"{name}: " + ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
+                       for name, values in PRESETS.items()))
     p.add_argument("--force", action="store_true",
                    help="retrain even if the saved report matches these arguments "
                    "(needed after changing this script's code)")
@@ -101,15 +116,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
     g.add_argument("--spec-snippets", type=int, default=32, help="held-out prompts for speculative decoding")
     g.add_argument("--spec-tokens", type=int, default=64, help="tokens generated per prompt")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
     return args
 
 
+def _shown(value) -> str:
+    return os.path.relpath(value, REPO) if isinstance(value, Path) else str(value)
+
+
 def recipe(args) -> dict:
-    """What identifies a trained pair: every argument that shapes it, and the corpus's Python."""
-    skip = {"out", "force"}
+    """What identifies a trained pair: every argument that shapes it, and the corpus's Python.
+    A preset is only a name for some of those values, so it is not part of the recipe."""
+    skip = {"out", "force", "preset"}
     key = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     key["python"] = sys.version.split()[0]
     return key

@@ -1,5 +1,5 @@
-"""scripts/bench.py's trace replay (the MODELLED part) on a small synthetic trace: invariants that
-hold whatever the profile's costs are. No ONNX Runtime, no package: a few seconds."""
+"""spac.bench.replay, scripts/bench.py's trace replay (the MODELLED part), on a small synthetic trace:
+invariants that hold whatever the profile's costs are. No ONNX Runtime, no package: a few seconds."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench  # noqa: E402
-from spac.runtime.profile import load_profile  # noqa: E402
+from spac.bench import replay as bench
+from spac.bench.measure import CONFIGS
+from spac.bench.trace import TraceRecorder, trace_frequencies
+from spac.runtime.profile import load_profile
 
 LAYERS, EXPERTS, TOP_K, GAMMA = 3, 8, 2, 4
 BUDGETS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
@@ -65,8 +65,8 @@ def traces():
 @pytest.mark.parametrize("profile_name", ["cpu-only", "rtx4090-desktop", "jetson-orin-agx-64gb"])
 def test_replay_invariants(traces, profile_name):
     profile = load_profile(profile_name)
-    frequencies = bench.trace_frequencies(traces["calibration"])
-    for name, speculative, policy, estimator in bench.CONFIGS:
+    frequencies = trace_frequencies(traces["calibration"])
+    for name, speculative, policy, estimator in CONFIGS:
         trace = traces["sd" if speculative else "no-sd"]
         rows = [bench.replay(trace, policy, b, profile, SCALE, estimator, frequencies) for b in BUDGETS]
         rates = [r["hit_rate"] for r in rows]
@@ -91,7 +91,7 @@ def test_replay_invariants(traces, profile_name):
 def test_more_budget_is_not_slower_for_lru_and_static(traces):
     """Costs are per miss, so where the hit rate cannot fall the modelled time cannot rise."""
     profile = load_profile("cpu-only")
-    frequencies = bench.trace_frequencies(traces["calibration"])
+    frequencies = trace_frequencies(traces["calibration"])
     for policy, trace in (("lru", traces["no-sd"]), ("static", traces["sd"])):
         speeds = [bench.replay(trace, policy, b, profile, SCALE, None, frequencies)["tokens_per_second"]
                   for b in BUDGETS]
@@ -115,10 +115,10 @@ def test_speculation_pays_when_drafts_are_accepted():
 
 def test_replay_profile_labels_its_figures_as_modelled(traces):
     rep = bench.replay_profile(traces, "rtx4090-desktop", (0.1, 1.0), SCALE,
-                               bench.trace_frequencies(traces["calibration"]))
+                               trace_frequencies(traces["calibration"]))
     assert rep["note"] == bench.MODELLED == "MODELLED, not measured"
     assert rep["swept_tier"] == "device"
-    assert set(rep["policies"]) == {name for name, *_ in bench.CONFIGS}
+    assert set(rep["policies"]) == {name for name, *_ in CONFIGS}
 
 
 def test_qwen3_scale_matches_the_published_sizes():
@@ -149,7 +149,7 @@ def test_trace_recorder_settles_acceptance_from_cache_lengths():
         target = Runner()
 
     runtime = FakeRuntime()
-    recorder = bench.TraceRecorder(runtime, speculative=True)
+    recorder = TraceRecorder(runtime, speculative=True)
     runner = runtime.target
     for prompt in range(2):
         runner.reset()  # what Decoder.prefill does first
@@ -189,7 +189,7 @@ def test_gpu_check_dry_run(tmp_path):
     if not environment["cuda_ep_runs"]:
         assert "NO CUDA EXECUTION PROVIDER" in done.stdout
     assert result["ok"] is True
-    names = {name for name, *_ in bench.CONFIGS}
+    names = {name for name, *_ in CONFIGS}
     for mode in ("device", "host"):
         stage = result["stages"][mode]
         assert set(stage["runs"]) == names and stage["lossless"] is True
@@ -201,3 +201,12 @@ def test_gpu_check_dry_run(tmp_path):
     device = result["stages"]["device"]["runs"]["spac+SD (spac-counter)"]
     assert device["device_hits"] + device["device_fetches"] > 0  # the device tier was used
     assert result["stages"]["host"]["runs"]["lru"]["storage_bytes_read"] > 0  # and storage paging
+
+
+def test_bench_package_imports_without_torch():
+    """spac.bench serves the device side too (the GPU check runs where torch is not installed)."""
+    import subprocess
+
+    code = ("import spac.bench.measure, spac.bench.prompts, spac.bench.replay, spac.bench.trace, sys; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

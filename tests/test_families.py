@@ -28,7 +28,7 @@ def config(model_type: str, **fields):
 # Families the table describes by hand that recognition finds the same. (Mixtral, Qwen3-MoE and
 # Qwen2-MoE configs window every layer by config.sliding_window, which recognition refuses to
 # guess; GPT-OSS's interleaved experts are a table-only layout.)
-RECOGNISABLE = ("olmoe", "deepseek_v2", "deepseek_v3", "dots1", "hunyuan_v1_moe")
+RECOGNISABLE = ("olmoe", "flex_olmo", "deepseek_v2", "deepseek_v3", "dots1", "hunyuan_v1_moe")
 
 
 @pytest.mark.parametrize("model_type", RECOGNISABLE)
@@ -55,7 +55,6 @@ REFUSED = {
     "granitemoehybrid": ["'linear_attention' layer", "recurrent state"],
     "llama4_text": ["num_experts_per_tok 2", "scales each expert's input", "valid: 1"],
     "deepseek_v32": ["layer 0 is a 'indexed_attention' layer", "supported layer types: full_attention"],
-    "flex_olmo": ["FlexOlmoDecoderLayer", "post_feedforward_layernorm", "pre-norm"],
     "granitemoe": ["GraniteMoeDecoderLayer", "block_sparse_moe"],
 }
 
@@ -83,6 +82,21 @@ def test_unknown_router_and_expert_layout_are_named(monkeypatch):
         assert "unknown router OlmoeTopKRouter" in recognise(config("olmoe"))[1]
     _, unknown = recognise(config("olmoe", hidden_act="gelu"))
     assert "unknown routed-expert layout OlmoeExperts" in unknown and "activation GELU" in unknown
+
+
+def test_post_norm_layer_with_shared_experts_is_refused(monkeypatch):
+    from transformers.models.flex_olmo import modeling_flex_olmo
+
+    block = modeling_flex_olmo.FlexOlmoSparseMoeBlock
+    original = block.__init__
+
+    def with_shared_expert(self, config):
+        original(self, config)
+        self.shared_expert = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    monkeypatch.setattr(block, "__init__", with_shared_expert)  # the fault injected
+    family, unknown = recognise(config("flex_olmo"))
+    assert family is None and "shared experts in a post-norm layer" in unknown
 
 
 def test_cli_refuses_a_linear_attention_model_before_loading_it(tmp_path, capsys, monkeypatch):

@@ -1,10 +1,12 @@
 """Fuzzing a package: random byte flips, truncations, key deletions and type changes of its
-manifest, tokenizer and weights. Every case is either refused with one clear error line (a
-ManifestError or a ValueError subclass) or generates the reference tokens; no other exception,
-no hang, and no file opened outside the package."""
+manifest, tokenizer and weights, and of paged expert files while a Runtime runs. Every case is
+either refused with one clear error line (a ManifestError or a ValueError subclass; a
+PackageFileError while paging) or generates the reference tokens; no other exception, no hang,
+and no file opened outside the package."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import time
@@ -14,10 +16,11 @@ import pytest
 import yaml
 from test_package_safety import OpensOutside, relist
 
-from spac.runtime import ManifestError, Runtime
+from spac.runtime import ManifestError, PackageFileError, Runtime
 
 FAMILY = "qwen3_moe"
 CASES = 160
+EXPERT_CASES = 80
 SEED = 20240601
 PROMPT = [5, 17, 42, 99, 3, 250]
 NEW_TOKENS = 4
@@ -118,3 +121,52 @@ def test_tampered_packages_are_refused_cleanly_or_generate_the_reference(pristin
             outcomes["refused" if tokens is None else "generated"] += 1
             assert not opens.opened, f"case {case} ({kind}) opened {opens.opened}"
     assert outcomes["refused"] > CASES // 2 and outcomes["generated"] > 0, outcomes
+
+
+def tamper_expert(rng: random.Random, path: Path) -> str:
+    """Change one expert file behind a running Runtime's back; returns what was done."""
+    kind = rng.choice(["flip", "flip-mtime-kept", "truncate", "replace"])
+    data, before = path.read_bytes(), path.stat()
+    changed = truncate(rng, data) if kind == "truncate" else flip_bytes(rng, data)
+    if kind == "replace":  # a new inode with other bytes of the same size
+        fresh = path.with_name(path.name + ".new")
+        fresh.write_bytes(changed)
+        os.replace(fresh, path)
+        return kind
+    with open(path, "r+b") as handle:
+        handle.truncate(len(changed))
+        handle.seek(0)
+        handle.write(changed)
+    if kind == "flip-mtime-kept":  # same inode, size and mtime: only the bytes tell
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return kind
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_expert_files_tampered_while_paging_are_refused_cleanly_or_generate_the_reference(pristine, tmp_path):
+    source, reference = pristine
+    package = Path(shutil.copytree(source, tmp_path / "package"))
+    experts = sorted((package / "target" / "experts").rglob("*.data"))
+    originals = {path: path.read_bytes() for path in experts}
+    rng = random.Random(SEED + 1)
+    outcomes = {"refused": 0, "generated": 0}
+    # Host budget 0: every routed expert is read from its file on every use.
+    with OpensOutside(package) as opens, Runtime(package, host_budget=0.0) as runtime:
+        assert runtime.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == reference
+        for case in range(EXPERT_CASES):
+            path = rng.choice(experts)
+            kind = tamper_expert(rng, path)
+            started = time.monotonic()
+            try:
+                tokens = runtime.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids
+            except PackageFileError as error:
+                message = str(error)
+                assert "\n" not in message and str(path) in message, f"case {case} ({kind}): {message}"
+                tokens = None
+            assert time.monotonic() - started < CASE_SECONDS, f"case {case} ({kind}) took too long"
+            # A file the prompt does not route to is never read: the reference, untouched.
+            assert tokens is None or tokens == reference, f"case {case} ({kind}): {tokens} != {reference}"
+            outcomes["refused" if tokens is None else "generated"] += 1
+            path.write_bytes(originals[path])  # restored (a new mtime: hashed again, and passes)
+        assert not opens.opened, opens.opened
+    assert outcomes["refused"] > EXPERT_CASES // 2, outcomes

@@ -41,9 +41,9 @@ def test_lookahead_is_lossless_and_reports_its_guesses(exported, model_pair):
     inputs = torch.tensor([ids])
     expected = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=16,
                               do_sample=False)[0, len(ids):].tolist()
-    with Runtime(package, draft_len=4, policy="spac", host_budget=0.25, lookahead=True) as runtime:
+    with Runtime(package, draft_len=4, policy="spac", host_budget=0.25, layer_lookahead=True) as runtime:
         result = runtime.generate(PROMPT, max_new_tokens=16)
-        stats = runtime.experts.lookahead.as_dict()
+        stats = runtime.experts.layer_lookahead.as_dict()
     assert result.token_ids == expected
     assert stats["distance_0"]["guessed"] > 0 and stats["distance_1"]["guessed"] > 0
     assert 0 <= stats["distance_0"]["precision"] <= 1 and stats["read_early"] >= 0

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -111,3 +112,20 @@ def test_runs_inside_a_real_cgroup_cap_that_kills_the_unlimited_run(wide_package
         unlimited = capped.run([sys.executable, "-m", "spac.runtime.cli", *args, "--host-budget", "99%"],
                                capture_output=True, text=True)
         assert unlimited.returncode != 0 and capped.oom_kills > 0
+
+
+def test_a_self_draft_is_planned_without_a_draft_models_kv_cache(exported):
+    from spac.runtime import Runtime
+    from spac.runtime.memory import kv_cache_bytes
+
+    package = exported("qwen3_moe").output
+    manifest = load_manifest(package)
+    context = manifest.target.dims["max_position_embeddings"]
+    plans = {}
+    for draft in ("model", "self"):
+        with Runtime(package, draft=draft, memory_limit=8 << 30) as runtime:
+            plans[draft], itemsize = runtime.memory, np.dtype(runtime.target.dtype).itemsize
+            assert runtime.generate(PROMPT, max_new_tokens=4).token_ids  # the planned runtime runs
+    target_kv = kv_cache_bytes(manifest.target, context, itemsize)
+    assert plans["self"].kv_cache == target_kv  # it writes into the target's own cache
+    assert plans["model"].kv_cache == target_kv + kv_cache_bytes(manifest.draft, context, itemsize)

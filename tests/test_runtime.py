@@ -409,12 +409,19 @@ SAMPLING_CASES = [  # temperature, top_p, draft_len, other Sampler options
 
 @pytest.mark.parametrize("temperature, top_p, draft_len, options", SAMPLING_CASES)
 def test_speculative_sampling_matches_target_distribution(temperature, top_p, draft_len, options):
+    check_sampling_distribution(lambda table, target: TableRunner(table), temperature, top_p, draft_len, options)
+
+
+def check_sampling_distribution(make_draft, temperature, top_p, draft_len, options, **decoder_options):
+    """Speculative sampling with the draft `make_draft(draft_table, target)` gives the target's
+    sequence distribution (chi-square), and measurably not the draft's."""
     rng = np.random.default_rng(1234)
     target_table = rng.normal(scale=1.5, size=(3, VOCAB, VOCAB))
     draft_table = target_table + rng.normal(scale=1.5, size=target_table.shape)  # related, not equal
-    target, draft = TableRunner(target_table), TableRunner(draft_table)
+    target = TableRunner(target_table)
+    draft = make_draft(draft_table, target)
     prompt, length, draws = [0, 3], 3, 12_000
-    decoder = Decoder(target, draft, Sampler(temperature, top_p, seed=2026, **options))
+    decoder = Decoder(target, draft, Sampler(temperature, top_p, seed=2026, **options), **decoder_options)
 
     counts: dict[tuple, int] = {}
     for _ in range(draws):

@@ -209,12 +209,13 @@ def test_api_key_and_queue_limit(runtime, live, monkeypatch):
 
 
 def test_spac_serve_command(exported, tmp_path):
-    """The console command: binds where told, logs to --log-file, answers, exits on SIGTERM;
-    a bad package is one error line and exit code 2."""
+    """The console command: binds where told, logs to --log-file, pages under --host-budget,
+    answers, exits on SIGTERM; a bad package is one error line and exit code 2."""
     port = free_port()
     log_file = tmp_path / "serve.log"
     process = subprocess.Popen([sys.executable, "-m", "spac.runtime.server", "--package", str(exported(FAMILY).output),
-                                "--port", str(port), "--api-key", "k", "-v", "--log-file", str(log_file)],
+                                "--port", str(port), "--api-key", "k", "-v", "--log-file", str(log_file),
+                                "--host-budget", "25%"],
                                stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -229,6 +230,7 @@ def test_spac_serve_command(exported, tmp_path):
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer k"},
                            json={"prompt": "x", "max_tokens": 3}, timeout=60)
         assert reply.json()["usage"]["completion_tokens"] == 3
+        assert reply.json()["usage"]["spac"]["bytes_paged"] > 0  # --host-budget reached the runtime
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -79,3 +79,16 @@ def test_matching_arguments_reuse_the_cache(runs):
     assert "up to date" in result.stderr
     assert (out / "small-moe" / "model.safetensors").stat().st_mtime_ns == before
     assert json.loads(result.stdout) == json.loads((out / "train_report.json").read_text())
+
+
+def test_demo_preset_sets_defaults_that_flags_override():
+    import train_small_moe as script
+
+    full, demo = script.parse_args([]), script.parse_args(["--preset", "demo"])
+    assert demo.out != full.out  # a demo run never replaces the full run's models
+    assert demo.moe_steps < full.moe_steps
+    assert script.parse_args(["--preset", "demo", "--moe-steps", "5"]).moe_steps == 5
+    # The preset is only a name: spelling its values out is the same recipe, so the cache matches.
+    spelled = script.parse_args([f"--{name.replace('_', '-')}={value}"
+                                 for name, value in script.PRESETS["demo"].items()])
+    assert script.recipe(spelled) == script.recipe(demo) != script.recipe(full)
