@@ -3,6 +3,6 @@
 from spac.ops.storage import ExpertFileError, PackageFileError
 
 from .manifest import ManifestError
-from .runtime import GenerationError, GenerationResult, Runtime
+from .runtime import Generation, GenerationError, GenerationResult, Runtime
 
-__all__ = ["Runtime", "GenerationResult", "GenerationError", "PackageFileError", "ManifestError", "ExpertFileError"]
+__all__ = ["Runtime", "Generation", "GenerationResult", "GenerationError", "PackageFileError", "ManifestError", "ExpertFileError"]

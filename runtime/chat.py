@@ -32,22 +32,25 @@ class ChatSession:
         """`options` are Runtime.stream's generation options (max_new_tokens, temperature...)."""
         self.runtime, self.system, self.template_kwargs, self.options = runtime, system, template_kwargs, options
         self.messages: list[dict] = []
+        self.result = None  # the latest turn's GenerationResult
 
     def stream(self, text: str):
         """Yields the reply's pieces; the reply joins the history once it is complete."""
         self.messages.append({"role": "user", "content": text})
         try:
             ids = chat_prompt(self.runtime.tokenizer, self.messages, self.system, True, self.template_kwargs)
-            yield from self.runtime.stream(ids, reuse_cache=True, **self.options)
+            generation = self.runtime.stream(ids, reuse_cache=True, **self.options)
+            self.result = generation.result
+            yield from generation
         except BaseException:
             self.messages.pop()  # a turn that failed or was interrupted is not part of the conversation
             raise
-        self.messages.append({"role": "assistant", "content": self.runtime.last_result.text})
+        self.messages.append({"role": "assistant", "content": self.result.text})
 
     def send(self, text: str):
         for _ in self.stream(text):
             pass
-        return self.runtime.last_result
+        return self.result
 
 
 def interactive(session: ChatSession, write, on_result=None, read=input) -> int:
@@ -77,5 +80,5 @@ def interactive(session: ChatSession, write, on_result=None, read=input) -> int:
         except ValueError as error:  # GenerationError and template errors: this turn only
             write(f"[error] {error} ('/reset' starts a new conversation)\n")
             continue
-        if on_result and session.runtime.last_result is not None:
-            on_result(session.runtime.last_result)
+        if on_result and session.result is not None:
+            on_result(session.result)

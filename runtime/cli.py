@@ -196,11 +196,11 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         # stats are filled in, and mark the result interrupted ourselves.
         if stream is not None:
             stream.close()
-        if runtime.last_result is None or not runtime.last_result.stats:  # before generation began
+        if stream is None or not stream.result.stats:  # before generation began
             return 130
-        runtime.last_result.interrupted = True
+        stream.result.interrupted = True
         code = 130
-    result = runtime.last_result
+    result = stream.result
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.as_dict(),
                           "interrupted": result.interrupted}))

@@ -47,6 +47,24 @@ class GenerationResult:
     interrupted: bool = False
 
 
+class Generation:
+    """What Runtime.stream() returns: an iterator of text pieces and, in `result`, this
+    generation's own result, filled in as the pieces come (its stats once it has ended)."""
+
+    def __init__(self, result: GenerationResult, pieces: Iterator[str]):
+        self.result, self._pieces = result, pieces
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Ends the generation early; its stats are filled in."""
+        self._pieces.close()
+
+
 def choose_draft(manifest, draft: str | None) -> str:
     """The draft mode: `draft` checked against the package, or by default its draft model if it
     has one, else none. (Self-drafting is not the default: on the CPU it decoded slower than the
@@ -165,17 +183,17 @@ class Runtime:
                  **options) -> GenerationResult:
         """Takes stream()'s arguments and returns the whole result. Safe to call from several
         threads: calls on one Runtime run one after the other, each with its own result."""
-        result, pieces = self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative,
-                                          **options)
-        for _ in pieces:
+        generation = self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, **options)
+        for _ in generation:
             pass
-        return result
+        return generation.result
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                seed: int | None = None, stop: list[str] | None = None, speculative: bool = True, *,
-               reuse_cache: bool = False, cancel=None, **sampling) -> Iterator[str]:
-        """Yields text pieces as tokens are accepted; the full result is then `last_result`.
-        On KeyboardInterrupt the partial result is kept in `last_result` and the runtime stays usable.
+               reuse_cache: bool = False, cancel=None, **sampling) -> Generation:
+        """Yields text pieces as tokens are accepted; the returned Generation's `result` holds
+        the whole result (`last_result` too, but another thread's generation may replace that).
+        On KeyboardInterrupt the partial result is kept and the runtime stays usable.
         A bad request raises here, not at the first piece.
 
         Sampling options left None (temperature, top_p and `sampling`'s top_k, min_p,
@@ -183,21 +201,19 @@ class Runtime:
         generation_config defaults, else greedy. `reuse_cache` keeps the KV cache's common prefix
         with the previous sequence (a chat's earlier turns); `cancel()` returning True ends the
         generation after the current round. Generations on one Runtime run one at a time (a
-        stream holds the Runtime from its first piece until it ends or is closed); from several
-        threads, read each result from generate(), since `last_result` is the latest one."""
+        stream holds the Runtime from its first piece until it ends or is closed)."""
         return self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative,
-                                reuse_cache=reuse_cache, cancel=cancel, **sampling)[1]
+                                reuse_cache=reuse_cache, cancel=cancel, **sampling)
 
     def _generation(self, prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, *,
-                    reuse_cache: bool = False, cancel=None, **sampling) -> tuple[GenerationResult, Iterator[str]]:
-        """The result a generation will fill in and the generator of its pieces."""
+                    reuse_cache: bool = False, cancel=None, **sampling) -> Generation:
         self._check_open()
         prompt_ids = self._check_request(prompt, max_new_tokens)
         sampler = Sampler.from_options(self.generation_defaults, seed, temperature=temperature, top_p=top_p,
                                        **sampling)
         result = GenerationResult("", [])
-        return result, self._pieces(result, prompt_ids, max_new_tokens, sampler, stop, speculative, reuse_cache,
-                                    cancel)
+        return Generation(result, self._pieces(result, prompt_ids, max_new_tokens, sampler, stop, speculative,
+                                               reuse_cache, cancel))
 
     def _check_open(self) -> None:
         if self.target is None:

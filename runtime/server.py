@@ -86,7 +86,7 @@ class GenerationQueue:
                 return
             for piece in job.pieces:
                 job.post(PIECE, piece)
-            job.post(DONE, self.runtime.last_result)
+            job.post(DONE, job.pieces.result)
         except PackageFileError as error:  # a package file found bad while paging: one line, no traceback
             log.error("generation failed: %s", error)
             job.post(FAILED, f"generation failed: {error}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import sys
+import threading
 
 import pytest
 
@@ -57,3 +59,31 @@ def test_prompt_or_interactive_is_required(exported, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--package", str(exported(FAMILY).output)])
     assert exit_.value.code == 2 and "--prompt is required" in capsys.readouterr().err
+
+
+def test_sessions_in_two_threads_each_get_their_own_replies(runtime):
+    # Switch threads as often as possible so one thread's generation starts the moment the
+    # other's ends: a reply must still be read from its own generation, not the latest one.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    turns = [f"Question {i}." for i in range(4)]
+    sessions = {name: ChatSession(runtime, system=name, max_new_tokens=4) for name in ("One.", "Two.")}
+    replies: dict[str, list] = {name: [] for name in sessions}
+
+    def talk(name):
+        for turn in turns:
+            replies[name].append(sessions[name].send(turn))
+
+    try:
+        threads = [threading.Thread(target=talk, args=(name,)) for name in sessions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+    for name, session in sessions.items():
+        alone = ChatSession(runtime, system=name, max_new_tokens=4)
+        for turn, reply in zip(turns, replies[name]):
+            assert reply.token_ids == alone.send(turn).token_ids
+        assert session.messages == alone.messages
