@@ -38,11 +38,20 @@ class ExpertOptions:
     layer_lookahead: bool = False  # read what later layers' routers guess early (spac policy; spac.ops.lookahead)
 
 
+def verify_trunk(manifest: Manifest) -> None:
+    """Check every package file but the experts' .data files (graphs, their weights, the
+    tokenizer) against the manifest, before ONNX Runtime sees any of them."""
+    for name in manifest.files:
+        if name not in manifest.expert_data:
+            verify_file(manifest, name)
+
+
 def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory,
                   options: ExpertOptions = ExpertOptions()) -> Experts:
     """Every expert resident when the host budget holds them all and there is no device tier to
     manage; otherwise the pager, with the device tier and the balancer on a CUDA profile. Checks
-    the sha256 of every file it loads now (paged expert files are checked as they are first read)."""
+    the sha256 of the expert data it loads now (paged expert files are checked as they are first
+    read); every other file was checked by verify_trunk before anything loaded."""
     total = manifest.expert_bytes_total()
     if options.host_budget is None:
         budget = profile.budget_bytes("host", total, manifest.trunk_bytes())
@@ -52,8 +61,8 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
         budget = int(options.host_budget)
     device_tier = options.device_tier or ("cuda" if options.provider == "cuda" else None)
     paged = device_tier is not None or (budget is not None and budget < total)
-    for name in manifest.files:
-        if not (paged and name in manifest.expert_data):
+    if not paged:
+        for name in sorted(manifest.expert_data):
             verify_file(manifest, name)
     if not paged:
         return _resident(manifest, sessions, options.provider)

@@ -23,7 +23,7 @@ from spac.ops.stats import DraftExpertStats
 from spac.ops.sessions import SessionFactory, cuda_available
 
 from .chat import chat_prompt
-from .expert_stack import ExpertOptions, build_experts
+from .expert_stack import ExpertOptions, build_experts, verify_trunk
 from .manifest import load_manifest
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit
 from .model import ModelRunner
@@ -133,6 +133,7 @@ class Runtime:
         self.provider = choose_provider(self.profile, providers, strict)
         self.sessions = SessionFactory(threads or self.profile.threads, global_pool=global_thread_pool,
                                        provider_options=self.profile.provider_options())
+        verify_trunk(self.manifest)
         # The trunk and a draft model run where the profile puts them: on the GPU when there is
         # one. They load before the experts, so that a memory limit can count what they take.
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, provider=self.provider)
