@@ -37,6 +37,7 @@ def generate_all(runtime, texts: list[str], speculative: bool, max_new_tokens: i
         "decode_seconds": stats.decode_seconds, "seconds": seconds, "hits": hits, "misses": misses,
         "bytes_read": paging.storage_bytes_read if paging else 0,
         "stall_seconds": paging.stall_seconds if paging else 0.0,
+        "read_seconds": paging.read_seconds if paging else 0.0,
         "issued": paging.prefetch_issued if paging else 0, "used": paging.prefetch_used if paging else 0,
         "dropped": paging.prefetch_dropped if paging else 0,
         "proposed": stats.decode.proposed, "accepted": stats.decode.accepted,

@@ -36,9 +36,12 @@ class PagedExperts:
 
     def __init__(self, manifest, sessions, budget_bytes: int, policy: str = "spac", estimator=None,
                  frequencies: np.ndarray | None = None, verify=None, device: DeviceSlots | None = None,
-                 planner=None):
+                 planner=None, reader=None, layer_lookahead=None):
         """`device` is the GPU tier and `planner` the workload balancer (plan_for(layer, counts,
-        resident, free_slots) -> LayerPlan); without them every expert runs on the CPU."""
+        resident, free_slots) -> LayerPlan); without them every expert runs on the CPU. `reader`
+        reads whole expert files (spac.ops.direct_io.DirectReader; None: pread);
+        `layer_lookahead` (spac.ops.lookahead.Lookahead, with the spac policy) reads the experts
+        the next layers' routers guess early."""
         if policy == "spac" and estimator is None:
             raise ValueError("the spac policy needs a utility estimator")
         self.policy, self.estimator = policy, estimator
@@ -46,7 +49,7 @@ class PagedExperts:
         self.num_experts = manifest.target.dims["num_experts"]
         self.expert_bytes = manifest.target.experts.bytes_per_expert
         self.capacity = max(0, budget_bytes // self.expert_bytes)  # slots
-        self.files = ExpertFiles(manifest, verify)
+        self.files = ExpertFiles(manifest, verify, reader)
         self.kernel = ExpertKernel(manifest, sessions, prepared=device is None)
         self.stats = ExpertStats(paging=PagingStats())
         self.position = PassPosition()
@@ -61,6 +64,14 @@ class PagedExperts:
         self.prefetcher = (Prefetcher(self.host, self._fetch, self.position, self.stats.paging)
                            if policy == "spac" and self.capacity else None)
         self.looked_ahead: set[tuple[int, int]] = set()  # asked for by this round's draft
+        self.layer_lookahead = layer_lookahead if self.prefetcher is not None else None
+
+    @staticmethod
+    def read_buffers(expert_bytes: int) -> int:
+        """The most expert reads in flight or held outside the cache at once: a layer's reads
+        ahead (one per reader thread), the one being computed, the prefetcher's. A self-draft
+        computes from the cache only and adds none."""
+        return (READ_THREADS + 2) * expert_bytes
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats(paging=PagingStats())
@@ -75,6 +86,19 @@ class PagedExperts:
 
     # --- the critical path -------------------------------------------------------------------
 
+    def anticipate(self, layer: int, hidden: np.ndarray, distance: int) -> None:
+        """`hidden` ([T, H]) is the residual stream `distance` layers before MoE layer `layer`'s
+        input: queue reads of the experts its router would pick from it. A guess ranks by its
+        expert's utility plus its share of the batch, so it evicts only slots worth less."""
+        if self.layer_lookahead is None:
+            return
+        utilities = self.estimator.utilities()
+        wanted = [((layer, expert), float(utilities[layer, expert]) + share)
+                  for expert, share in self.layer_lookahead.guess(layer, hidden, distance)
+                  if (layer, expert) not in self.host]
+        self.layer_lookahead.read_early += len(wanted)
+        self.prefetcher.add(wanted)
+
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
             router_logits: np.ndarray | None = None) -> np.ndarray:
         if self.prefetcher is not None:
@@ -82,6 +106,8 @@ class PagedExperts:
         self.position.layer = layer
         paging = self.stats.paging
         groups = group_by_expert(topk_ids)
+        if self.layer_lookahead is not None:
+            self._score_guesses(layer, set(groups))
         for expert, (rows, _) in groups.items():
             self.counts[layer, expert] += len(rows)
         plan = self._plan(layer) if self.planner and self.device else None
@@ -89,24 +115,32 @@ class PagedExperts:
         # The whole layer's routing is known before any expert runs (with SD, γ+1 tokens' worth),
         # so every miss is read at once, in parallel, while the cached experts compute.
         gpu = {expert for expert in groups if expert in on_device and self._on_device((layer, expert))}
-        weights, reads = {}, {}
+        weights, misses = {}, []
         for expert in sorted(groups.keys() - gpu):
             weights[expert] = self.host.get((layer, expert))
             if weights[expert] is None:
                 paging.host_misses += 1
-                reads[expert] = self.readers.submit(self._fetch, layer, expert)
+                misses.append(expert)
+        # At most READ_THREADS misses are read ahead of the one being computed, and a miss the
+        # cache does not keep is dropped once computed: a layer's misses never all sit in RAM
+        # at once (the memory limit counts READ_THREADS + 1 expert buffers, see read_buffers).
+        reads = {expert: self.readers.submit(self._fetch, layer, expert) for expert in misses[:READ_THREADS]}
         outputs = {}
         for expert, (rows, _) in groups.items():
             if expert in gpu:
                 outputs[expert] = (self.device.run((layer, expert), x[rows]), self.device.kernel.provider)
-            elif expert not in reads:
+            elif expert not in misses:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
-        for expert, read in reads.items():
+        for index, expert in enumerate(misses):
             started = time.perf_counter()
-            weights[expert] = result(read, self.files.path(layer, expert))
+            buffer = result(reads.pop(expert), self.files.path(layer, expert))
             paging.stall_seconds += time.perf_counter() - started
-            self._admit((layer, expert), weights[expert])
-            outputs[expert] = (self.kernel.run(x[groups[expert][0]], weights[expert]), "cpu")
+            if index + READ_THREADS < len(misses):
+                following = misses[index + READ_THREADS]
+                reads[following] = self.readers.submit(self._fetch, layer, following)
+            kept = self._admit((layer, expert), buffer)
+            outputs[expert] = (self.kernel.run(x[groups[expert][0]], buffer), "cpu")
+            weights[expert] = buffer if kept or plan else None
         out = np.zeros_like(x)
         for expert, (rows, slots) in groups.items():  # ascending expert order, as transformers sums
             y, provider = outputs[expert]
@@ -117,6 +151,12 @@ class PagedExperts:
             self._prefetch_to_device(layer, plan.prefetch, weights)
         self.position.computed.add(layer)  # evict-first from now until the next round's utilities
         return out
+
+    def _score_guesses(self, layer: int, routed: set[int]) -> None:
+        for expert in self.layer_lookahead.score(layer, routed) - routed:
+            slot = self.host.slots.get((layer, expert))
+            if slot is not None and slot.prefetched:  # read early and, this pass, for nothing
+                self.layer_lookahead.wasted_bytes += self.expert_bytes
 
     def run_resident(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
         """A draft's sum from device slots and the host cache only; an expert the prefetcher has
@@ -190,10 +230,12 @@ class PagedExperts:
         return self.kernel.prepare(self._read(layer, expert))
 
     def _read(self, layer: int, expert: int) -> dict:
+        started = time.perf_counter()
         weights = self.files.read(layer, expert)
         with self.host.lock:
             self.stats.paging.storage_reads += 1
             self.stats.paging.storage_bytes_read += self.expert_bytes
+            self.stats.paging.read_seconds += time.perf_counter() - started
         return weights
 
     def _utility(self, key) -> float:

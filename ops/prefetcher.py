@@ -63,8 +63,8 @@ class Prefetcher:
         self.add(wanted)
 
     def add(self, wanted: list[tuple[tuple[int, int], float]]) -> None:
-        """Queue `wanted` ((layer, expert), utility) for the pass about to start, beside what is
-        queued (a draft's lookahead)."""
+        """Queue `wanted` ((layer, expert), utility) for the pass about to start or under way,
+        beside what is queued (a draft's lookahead, the pager's guesses of later layers)."""
         for (layer, expert), utility in wanted:
             self.requests.put(PrefetchRequest((layer, -utility), utility, self.position.pass_id, layer, expert))
             self.paging.prefetch_issued += 1

@@ -1,5 +1,5 @@
-"""The storage tier: a package's per-expert .data files, read whole with pread, and the checks
-that make every read's bytes the ones the manifest lists.
+"""The storage tier: a package's per-expert .data files, read whole (pread, or O_DIRECT through
+spac.ops.direct_io), and the checks that make every read's bytes the ones the manifest lists.
 
 Integrity model of paged experts (the package may come from a stranger, and its files may change
 while the runtime runs): a file's first read is checked against the manifest's sha256; the
@@ -66,13 +66,16 @@ class ExpertFiles:
     the OS page cache (posix_fadvise DONTNEED), so a later read really goes to the disk and the
     page cache cannot silently act as an unbudgeted RAM tier."""
 
-    def __init__(self, manifest, verify=None):
-        """`verify(name, data)` checks a file's bytes against the manifest (its sha256)."""
+    def __init__(self, manifest, verify=None, reader=None):
+        """`verify(name, data)` checks a file's bytes against the manifest (its sha256);
+        `reader.read(fd, size)` reads a whole file (spac.ops.direct_io.DirectReader: O_DIRECT
+        into an aligned buffer, which the verifier checks like any other); None: plain pread."""
         self.root = manifest.root
         self.experts = manifest.target.experts
         self.tensors = [ExpertTensor(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"], t["dtype"])
                         for t in self.experts.tensors]
         self.verifier = ReadVerifier(verify) if verify else None
+        self.reader = reader
 
     def path(self, layer: int, expert: int):
         return self.root / self.experts.path(layer, expert, ".data")
@@ -89,7 +92,8 @@ class ExpertFiles:
             if not stat.S_ISREG(info.st_mode):
                 raise ExpertFileError(f"expert file {path} is no longer a regular file (a FIFO, device or folder "
                                       "took its place); refusing it")
-            data = os.pread(fd, self.experts.bytes_per_expert, 0)
+            size = self.experts.bytes_per_expert
+            data = self.reader.read(fd, size) if self.reader else os.pread(fd, size, 0)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as error:

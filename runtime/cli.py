@@ -12,7 +12,7 @@ from spac.ops.host_cache import POLICIES
 from .arguments import Parser, integer, number, utf8_text
 from .estimator import ESTIMATORS
 from .logs import add_logging_flags, setup_logging
-from .profile import MAX_DRAFT_LEN, ProfileError, parse_budget
+from .profile import MAX_DRAFT_LEN, ProfileError, excerpt, parse_budget, parse_bytes
 from .speculative import DRAFT_MODES
 
 DESCRIPTION = """\
@@ -86,8 +86,8 @@ def parse_args(argv):
 
 
 def add_expert_cache_flags(parser: argparse.ArgumentParser) -> None:
-    """--policy, --host-budget and --estimator: how experts are cached, overriding the profile
-    (spac-run and spac-serve)."""
+    """How experts are cached and read, overriding the profile (spac-run and spac-serve); the
+    Runtime's arguments they give are expert_cache_options(args)."""
     parser.add_argument("--policy", choices=POLICIES, default=None,
                         help="expert cache policy when the experts do not all fit (default: profile's)")
     parser.add_argument("--host-budget", type=parse_host_budget, default=None,
@@ -96,6 +96,23 @@ def add_expert_cache_flags(parser: argparse.ArgumentParser) -> None:
                              "package (default: profile's)")
     parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
                         help="utility estimator of the spac policy (default: profile's)")
+    parser.add_argument("--memory-limit", type=parse_memory_limit, default=None,
+                        help="bytes the whole process may use ('700MB', '2GiB', bytes) or 'auto' (the memory "
+                             "cgroup's limit, else MemAvailable); sizes the host expert cache to fit, "
+                             "overriding --host-budget")
+    parser.add_argument("--direct-io", action="store_true",
+                        help="read paged experts with O_DIRECT into aligned buffers, past the page cache "
+                             "(falls back to plain reads where the file system refuses it)")
+    parser.add_argument("--layer-lookahead", action="store_true",
+                        help="spac policy: read the experts the next layers' routers guess from the current "
+                             "hidden state while the current layer computes (guesses never change the output; "
+                             "off by default: slower where the cache is small, see README)")
+
+
+def expert_cache_options(args: argparse.Namespace) -> dict:
+    """The Runtime's keyword arguments from add_expert_cache_flags' flags."""
+    return dict(policy=args.policy, host_budget=args.host_budget, estimator=args.estimator,
+                memory_limit=args.memory_limit, direct_io=args.direct_io, layer_lookahead=args.layer_lookahead)
 
 
 def parse_host_budget(text: str) -> float | int:
@@ -107,6 +124,20 @@ def parse_host_budget(text: str) -> float | int:
     except ProfileError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return budget.nbytes if budget.fraction is None else budget.fraction
+
+
+def parse_memory_limit(text: str) -> int | str:
+    """'auto', or bytes ('700000000', '700MB', '2GiB')."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        nbytes = parse_bytes(text)
+    except ProfileError:
+        nbytes = 0
+    if nbytes <= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of bytes such as 700MB or 2GiB, "
+                                         f"got {excerpt(repr(text))}")
+    return nbytes
 
 
 def stats_line(stats: dict) -> str:
@@ -134,8 +165,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     providers = args.providers.split(",") if args.providers else None
     try:
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
-                          strict=args.strict, policy=args.policy, host_budget=args.host_budget,
-                          estimator=args.estimator, draft=args.draft,
+                          strict=args.strict, draft=args.draft, **expert_cache_options(args),
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from spac.ops.device_slots import DeviceSlots
+from spac.ops.direct_io import DirectReader
+from spac.ops.lookahead import Lookahead, load_routers
 from spac.ops.experts import ExpertKernel, Experts, ResidentExperts
 from spac.ops.pager import PagedExperts
 from spac.ops.sessions import SessionFactory
@@ -32,13 +34,24 @@ class ExpertOptions:
     # plans) on the CPU EP, to exercise it without a GPU; None: no device tier.
     device_tier: str | None = None
     device_slots: int | None = None  # None: as many as the profile's device budget holds
+    direct_io: bool = False  # read expert files with O_DIRECT (spac.ops.direct_io)
+    layer_lookahead: bool = False  # read what later layers' routers guess early (spac policy; spac.ops.lookahead)
+
+
+def verify_trunk(manifest: Manifest) -> None:
+    """Check every package file but the experts' .data files (graphs, their weights, the
+    tokenizer) against the manifest, before ONNX Runtime sees any of them."""
+    for name in manifest.files:
+        if name not in manifest.expert_data:
+            verify_file(manifest, name)
 
 
 def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory,
                   options: ExpertOptions = ExpertOptions()) -> Experts:
     """Every expert resident when the host budget holds them all and there is no device tier to
     manage; otherwise the pager, with the device tier and the balancer on a CUDA profile. Checks
-    the sha256 of every file it loads now (paged expert files are checked as they are first read)."""
+    the sha256 of the expert data it loads now (paged expert files are checked as they are first
+    read); every other file was checked by verify_trunk before anything loaded."""
     total = manifest.expert_bytes_total()
     if options.host_budget is None:
         budget = profile.budget_bytes("host", total, manifest.trunk_bytes())
@@ -48,8 +61,8 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
         budget = int(options.host_budget)
     device_tier = options.device_tier or ("cuda" if options.provider == "cuda" else None)
     paged = device_tier is not None or (budget is not None and budget < total)
-    for name in manifest.files:
-        if not (paged and name in manifest.expert_data):
+    if not paged:
+        for name in sorted(manifest.expert_data):
             verify_file(manifest, name)
     if not paged:
         return _resident(manifest, sessions, options.provider)
@@ -66,7 +79,9 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
     return PagedExperts(manifest, sessions, total if budget is None else budget, options.policy or profile.policy,
                         make_estimator(options.estimator or profile.estimator, layers, experts),
                         options.static_frequencies, verify=lambda name, data: verify_file(manifest, name, data),
-                        device=device, planner=planner)
+                        device=device, planner=planner, reader=DirectReader() if options.direct_io else None,
+                        layer_lookahead=(Lookahead(load_routers(manifest), moe.dims["top_k"])
+                                         if options.layer_lookahead else None))
 
 
 def _resident(manifest: Manifest, sessions: SessionFactory, provider: str) -> ResidentExperts:

@@ -44,6 +44,8 @@ class ModelRunner:
         self.experts = experts
         self.on_routing = on_routing
         self.max_positions = section.dims["max_position_embeddings"]
+        moe = [layer.index for layer in section.layers if layer.kind == "moe"]
+        self.next_moe = {here: later for here, later in zip(moe, moe[1:])}  # for the layer lookahead
         self.kv = KVCache()
         self.reset()
 
@@ -78,13 +80,18 @@ class ModelRunner:
         # The cache changes only once every layer has run: an error or Ctrl-C mid-pass leaves it
         # whole, so the next generation can still reuse it.
         cache = list(self.kv.layers)
+        anticipate = getattr(self.experts, "anticipate", None)  # the pager's layer lookahead
         for index, (layer, session) in enumerate(zip(self.section.layers, self.layers)):
             past_first, past_second = cache[index]
             feeds = {"hidden": hidden, "rope_cos": cos, "rope_sin": sin, "past_first": past_first, "past_second": past_second}
             if layer.kind == "dense":
                 hidden, *present = session.run(None, feeds)
             else:
+                if anticipate:  # its reads start while its attention runs
+                    anticipate(layer.index, hidden[0], 0)
                 residual, moe_input, topk_ids, topk_weights, router_logits, *present = session.run(None, feeds)
+                if anticipate and layer.index in self.next_moe:  # and the next layer's, while this one's experts run
+                    anticipate(self.next_moe[layer.index], residual[0], 1)
                 if self.on_routing:
                     self.on_routing(layer.index, topk_ids)
                 routed = self.experts.run(layer.index, moe_input, topk_ids, topk_weights, router_logits)[None]

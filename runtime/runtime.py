@@ -14,14 +14,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+
+from spac.ops.pager import PagedExperts
 from spac.ops.providers import PROVIDERS
 from spac.ops.self_draft import SelfDraftExperts
 from spac.ops.stats import DraftExpertStats
 from spac.ops.sessions import SessionFactory, cuda_available
 
 from .chat import chat_prompt
-from .expert_stack import ExpertOptions, build_experts
+from .expert_stack import ExpertOptions, build_experts, verify_trunk
 from .manifest import load_manifest
+from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit
 from .model import ModelRunner
 from .profile import load_profile
 from .speculative import DRAFT_MODES, Decoder, Sampler
@@ -95,7 +99,8 @@ class Runtime:
                  providers: list[str] | None = None, strict: bool = False, threads: int | None = None,
                  policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
                  static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None,
-                 draft: str | None = None, min_draft_confidence: float = 0.0):
+                 draft: str | None = None, min_draft_confidence: float = 0.0,
+                 memory_limit: int | str | None = None, direct_io: bool = False, layer_lookahead: bool = False):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
         override the profile's; `static_frequencies[layer, expert]` (routing counts from an
         earlier run) choose the `static` policy's resident set. `global_thread_pool` shares one
@@ -106,7 +111,12 @@ class Runtime:
         drafts (DRAFT_MODES): "model", the package's draft model (the default when it has one);
         "self", the target with only the experts it holds (spac.ops.self_draft); "none".
         `min_draft_confidence` ends a round's drafting after a token the draft was less sure of
-        (spac.runtime.speculative.Decoder)."""
+        (spac.runtime.speculative.Decoder). `memory_limit` (bytes, or "auto": the cgroup's
+        limit, else MemAvailable) sizes the host cache so that the whole process stays inside
+        it, overriding `host_budget` (see spac.runtime.memory). `direct_io` reads expert files
+        with O_DIRECT (spac.ops.direct_io), past the page cache, through the same integrity
+        checks; `layer_lookahead` (spac policy) reads the experts the next layers' routers guess
+        from the current hidden state while the current layer computes (spac.ops.lookahead)."""
         self.manifest = load_manifest(package)
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
@@ -123,27 +133,40 @@ class Runtime:
         self.provider = choose_provider(self.profile, providers, strict)
         self.sessions = SessionFactory(threads or self.profile.threads, global_pool=global_thread_pool,
                                        provider_options=self.profile.provider_options())
-        options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier)
-        self.experts = build_experts(self.manifest, self.profile, self.sessions, options)
+        verify_trunk(self.manifest)
+        # The trunk and a draft model run where the profile puts them: on the GPU when there is
+        # one. They load before the experts, so that a memory limit can count what they take.
+        self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, provider=self.provider)
+        self.draft = (ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
+                      if self.draft_mode == "model" else None)
+        self.context = self.manifest.target.dims["max_position_embeddings"]
+        self.memory = None
+        if memory_limit is not None:
+            self.memory = self._plan_memory(resolve_limit(memory_limit))
+            host_budget = self.memory.host_budget
+        options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
+                                direct_io=direct_io, layer_lookahead=layer_lookahead)
+        self.experts = self.target.experts = build_experts(self.manifest, self.profile, self.sessions, options)
         # A Runtime dropped without close() stops its reader and prefetch threads all the same.
         self._finalizer = weakref.finalize(self, self.experts.close)
-        # The trunk and the draft run where the profile puts them: on the GPU when there is one.
-        self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, self.experts,
-                                  provider=self.provider)
-        self.draft = self._draft_runner()
-        self.context = self.manifest.target.dims["max_position_embeddings"]
+        if self.draft_mode == "self":  # the target's twin over the experts it holds: no sessions or KV of its own
+            self.draft = self.target.twin(SelfDraftExperts(self.experts, self.manifest.target.dims["num_experts"]))
         self.last_result: GenerationResult | None = None
         # One generation at a time: the KV caches, the expert cache and the stats are the
         # Runtime's, so two interleaved generations would corrupt each other's tokens.
         self._lock = threading.Lock()
         self._generating_thread: int | None = None
 
-    def _draft_runner(self) -> ModelRunner | None:
-        if self.draft_mode == "model":
-            return ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
-        if self.draft_mode == "self":
-            return self.target.twin(SelfDraftExperts(self.experts, self.manifest.target.dims["num_experts"]))
-        return None
+    def _plan_memory(self, limit: int) -> MemoryPlan:
+        """The host cache's share of `limit` once the loaded trunk and draft model, the KV caches
+        (a self-draft writes into the target's own) and the read buffers are counted."""
+        itemsize = np.dtype(self.target.dtype).itemsize
+        sections = (self.manifest.target, self.manifest.draft if self.draft_mode == "model" else None)
+        kv = sum(kv_cache_bytes(section, self.context, itemsize) for section in sections if section is not None)
+        expert_bytes = self.manifest.target.experts.bytes_per_expert
+        plan = plan_memory(limit, kv, PagedExperts.read_buffers(expert_bytes), expert_bytes)
+        log.info("memory limit %.0f MB: %s", limit / 1e6, plan.as_dict())
+        return plan
 
     def __enter__(self) -> "Runtime":
         return self

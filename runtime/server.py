@@ -28,7 +28,7 @@ from spac.ops.storage import PackageFileError
 
 from . import openai_api as api
 from .chat import chat_prompt
-from .cli import add_expert_cache_flags
+from .cli import add_expert_cache_flags, expert_cache_options
 from .logs import add_logging_flags, setup_logging
 from .runtime import GenerationError
 
@@ -354,8 +354,8 @@ def main(argv=None) -> int:
     from .runtime import Runtime
 
     try:
-        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, policy=args.policy,
-                          host_budget=args.host_budget, estimator=args.estimator, global_thread_pool=True)
+        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True,
+                          **expert_cache_options(args))
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-serve: error: {error}", file=sys.stderr)
         return 2

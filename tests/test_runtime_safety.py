@@ -98,10 +98,12 @@ def assert_one_line_refusal(error: BaseException, *fragments: str) -> None:
     assert "\n" not in message and all(fragment in message for fragment in fragments), message
 
 
+@pytest.mark.parametrize("direct_io", [False, True], ids=["pread", "o-direct"])
 @pytest.mark.parametrize("keep_mtime", [True, False], ids=["mtime-kept", "mtime-changed"])
-def test_expert_file_changed_after_its_first_read_is_refused(package_copy, keep_mtime):
-    with Runtime(package_copy, host_budget=EVERY_READ) as runtime:
+def test_expert_file_changed_after_its_first_read_is_refused(package_copy, keep_mtime, direct_io):
+    with Runtime(package_copy, host_budget=EVERY_READ, direct_io=direct_io) as runtime:
         runtime.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS)
+        assert not direct_io or runtime.experts.files.reader.direct  # the O_DIRECT buffers were checked
         for path in expert_data_files(package_copy):
             rewrite_in_place(path, corrupt(path.read_bytes()), keep_mtime)
         with pytest.raises(Exception) as raised:

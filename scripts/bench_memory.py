@@ -1,0 +1,408 @@
+#!/usr/bin/env python3
+"""A model larger than memory: spac's pager against llama.cpp's mmap under the same real cgroup
+memory caps, with the storage-bound limit each run could reach.
+
+    python scripts/bench_memory.py --package PKG --model MODEL_DIR [--caps 0.3,0.45,0.6]
+        [--llama-bin DIR | $SPAC_LLAMA_BIN] [--out results/bench_memory.json]
+
+PKG is the spac package of MODEL_DIR (the memory testbed: scripts/make_testbed.py, then
+spac-export). For every cap (a fraction of the package's bytes) each contender runs in a fresh
+process inside its own cgroup-v1 memory group at that cap (scripts/memory_cap.py), after the page
+cache was dropped: llama.cpp (the same fp32 weights as GGUF, mmap, greedy), spac `lru` without
+speculative decoding, `static` + SD, `spac` + SD. The spac runs size their host cache with
+`--memory-limit auto`, i.e. from the cap itself. Every spac run's greedy tokens are checked
+against transformers' `generate` on MODEL_DIR.
+
+The storage-bound limit of a run: Belady's MIN over the routing that run recorded (every pass,
+SD verify passes included) with a cache of the run's size gives the bytes per generated token
+that even an oracle must read; divided by the raw sequential read bandwidth of the expert files
+(measured here, O_DIRECT where the file system allows it) it is a time per token, and a token
+cannot take less than the larger of that and the decode time with every expert resident. Each
+run is reported as a share of that bound.
+
+Results merge into --out by cap, so caps can be measured in separate invocations (each taking
+the machine's heavy-work lock); the plot and the table are drawn from everything in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from spac.bench.measure import generate_all
+from spac.bench.prompts import CALIBRATION_MODULES, HELDOUT_MODULES, function_openings
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import memory_cap  # noqa: E402  (a sibling script, not a package)
+
+CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads with O_DIRECT
+    "lru": (dict(policy="lru", direct_io=True), False),
+    "static+SD": (dict(policy="static", direct_io=True), True),
+    "spac+SD": (dict(policy="spac", direct_io=True), True),
+    "spac+SD+lookahead": (dict(policy="spac", direct_io=True, layer_lookahead=True), True),
+}
+LLAMA = "llama.cpp (mmap)"
+LLAMA_BINARIES = ("llama-simple", "llama-bench")
+BEST = "spac+SD"  # the run the ratios and the plotted bound are about
+DIRECT_ALIGNMENT = 4096
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--package", type=Path, help="the testbed's spac package")
+    p.add_argument("--model", type=Path, help="the testbed's Hugging Face folder (reference tokens, llama.cpp)")
+    p.add_argument("--caps", default="0.3,0.45,0.6", help="memory caps as fractions of the package's bytes")
+    p.add_argument("--prompts", type=int, default=3, help="held-out prompts")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--llama-tokens", type=int, default=16, help="tokens llama.cpp generates (it is slow here)")
+    p.add_argument("--draft-len", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--llama-bin", type=Path, default=os.environ.get("SPAC_LLAMA_BIN"),
+                   help="llama.cpp's build/bin folder (llama-simple or llama-bench; convert_hf_to_gguf.py two "
+                        "levels up); absent: llama.cpp is skipped")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spac-bench-memory",
+                   help="scratch folder (the GGUF conversion is cached here)")
+    p.add_argument("--out", type=Path, default=HERE.parent / "docs" / "results" / "bench_memory.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one run inside a cap
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def prompt_sets(count: int) -> tuple[list[str], list[str]]:
+    """(measured, calibration) prompts: held-out standard-library functions, as scripts/bench.py."""
+    measured = list(function_openings(HELDOUT_MODULES).values())[:count]
+    return measured, list(function_openings(CALIBRATION_MODULES).values())
+
+
+def reference_tokens(model_dir: Path, package: Path, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spac.runtime.manifest import load_manifest
+    from spac.runtime.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(load_manifest(package))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    eos = set(tokenizer.eos_token_ids)
+    out = []
+    for text in prompts:
+        ids = torch.tensor([tokenizer.encode_prompt(text)])
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False)[0, ids.shape[1]:].tolist()
+        cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        out.append(new[:cut])
+    return out
+
+
+# ------------------------------------------------------------------------------------ worker
+
+
+def worker(config: dict) -> dict:
+    """One run, inside its cap: generate every prompt, record the routing."""
+    from spac.runtime import Runtime
+
+    frequencies = np.asarray(config["static_frequencies"]) if config.get("static_frequencies") else None
+    with Runtime(config["package"], draft_len=config["draft_len"], threads=config["threads"],
+                 static_frequencies=frequencies, memory_limit=config.get("memory_limit"),
+                 host_budget=config.get("host_budget"), **config["options"]) as runtime:
+        speculative = config["speculative"]
+        runtime.generate("def f(x):", max_new_tokens=4, speculative=speculative)  # ORT warm-up
+        routing, counts = [], None
+        calibration = config.get("calibration") or []
+        if calibration:
+            moe = runtime.manifest.target
+            counts = np.zeros((max(moe.moe_layers) + 1, moe.dims["num_experts"]), dtype=np.int64)
+            runtime.target.on_routing = lambda layer, ids: np.add.at(counts[layer], ids.reshape(-1), 1)
+            for text in calibration:
+                runtime.generate(text, max_new_tokens=config["max_new_tokens"], speculative=speculative)
+        runtime.target.on_routing = lambda layer, ids: routing.append((layer, sorted(set(ids.reshape(-1).tolist()))))
+        result = generate_all(runtime, config["prompts"], speculative, config["max_new_tokens"])
+        experts = runtime.experts
+        every = len(runtime.manifest.target.moe_layers) * runtime.manifest.target.dims["num_experts"]
+        result.update(slots=getattr(experts, "capacity", every), routing=routing,
+                      static_frequencies=None if counts is None else counts.tolist(),
+                      memory=runtime.memory.as_dict() if runtime.memory else None,
+                      lookahead=(experts.layer_lookahead.as_dict()
+                                 if getattr(experts, "layer_lookahead", None) else None))
+        return result
+
+
+def run_capped(cap: int | None, config: dict) -> dict:
+    """The worker in a fresh process inside a cap of `cap` bytes (None: no cap), cache dropped."""
+    memory_cap.drop_page_cache()
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
+    with memory_cap.MemoryCap(cap or (1 << 50)) as group:
+        done = group.run(command, capture_output=True, text=True)
+        oom, peak = group.oom_kills, group.peak_bytes
+    if done.returncode != 0:
+        return {"failed": f"exit {done.returncode}, oom kills {oom}: {done.stderr.strip()[-400:]}", "oom_kills": oom}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(oom_kills=oom, peak_bytes=peak)
+    return result
+
+
+# ------------------------------------------------------------------------------------ bounds
+
+
+def belady_misses(accesses: list[tuple[int, int]], capacity: int) -> int:
+    """Misses of Belady's MIN (evict the expert used farthest in the future) on `accesses`."""
+    following = [0] * len(accesses)
+    seen: dict = {}
+    for i in range(len(accesses) - 1, -1, -1):
+        following[i] = seen.get(accesses[i], len(accesses))
+        seen[accesses[i]] = i
+    cache: dict = {}  # key -> its next use
+    misses = 0
+    for i, key in enumerate(accesses):
+        if key not in cache:
+            misses += 1
+            if capacity <= 0:
+                continue
+            if len(cache) >= capacity:
+                del cache[max(cache, key=cache.get)]
+        cache[key] = following[i]
+    return misses
+
+
+def raw_read_bandwidth(package: Path, files: list[str], limit_bytes: int = 512 << 20) -> dict:
+    """Sequential whole-file reads of expert files right after a cache drop: O_DIRECT with an
+    aligned buffer where the file system takes it, else buffered reads."""
+    memory_cap.drop_page_cache()
+    total, started, direct = 0, time.perf_counter(), hasattr(os, "O_DIRECT")
+    buffer = None
+    for name in files:
+        path = package / name
+        size = path.stat().st_size
+        try:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        except OSError:
+            direct, fd = False, os.open(path, os.O_RDONLY)
+        try:
+            aligned = -(-size // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+            if buffer is None or len(buffer) < aligned:
+                buffer = mmap.mmap(-1, aligned)  # page-aligned, as O_DIRECT wants
+            total += os.preadv(fd, [memoryview(buffer)[:aligned]], 0)
+        finally:
+            os.close(fd)
+        if total >= limit_bytes:
+            break
+    seconds = time.perf_counter() - started
+    return {"bytes": total, "seconds": seconds, "gb_per_second": total / seconds / 1e9, "o_direct": direct}
+
+
+def storage_bound(run: dict, expert_bytes: int, bandwidth: float, resident_seconds_per_token: float) -> dict:
+    accesses = [(layer, expert) for layer, experts in run["routing"] for expert in experts]
+    misses = belady_misses(accesses, run["slots"] or 0)
+    per_token = misses * expert_bytes / max(run["new_tokens"], 1)
+    read_time = per_token / bandwidth
+    bound = 1.0 / max(read_time, resident_seconds_per_token)
+    return {"oracle_bytes_per_token": per_token, "oracle_read_seconds_per_token": read_time,
+            "bound_tokens_per_second": bound, "share_of_bound": run["end_to_end_tokens_per_second"] / bound}
+
+
+# ------------------------------------------------------------------------------------ llama.cpp
+
+
+def llama_gguf(args, work: Path) -> Path:
+    """The model as an fp32 GGUF (cached). convert_hf_to_gguf.py refuses this tokenizer's
+    unknown pre-tokenizer hash: its lookup is patched to the default pre-tokenizer."""
+    gguf = work / f"{args.model.name}-f32.gguf"
+    if gguf.exists():
+        return gguf
+    root = args.llama_bin.resolve().parents[1]
+    patch = ("import sys; sys.path[:0] = [{root!r}, {root!r} + '/gguf-py']; sys.argv = {argv!r}\n"
+             "import convert_hf_to_gguf as c\n"
+             "base = getattr(c, 'TextModel', None) or __import__('conversion.base', fromlist=['x']).TextModel\n"
+             "base.get_vocab_base_pre = lambda self, tokenizer: 'default'\n"
+             "c.main()\n").format(root=str(root), argv=["convert_hf_to_gguf.py", str(args.model), "--outtype", "f32",
+                                                       "--outfile", str(gguf) + ".partial"])
+    subprocess.run([sys.executable, "-c", patch], check=True, capture_output=True, text=True)
+    os.replace(str(gguf) + ".partial", gguf)
+    return gguf
+
+
+def llama_binary(folder: Path | None) -> Path | None:
+    """llama-simple (greedy, real prompts) where it was built, else llama-bench (speed only)."""
+    for name in LLAMA_BINARIES:
+        if folder is not None and (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def run_llama(args, gguf: Path, cap: int, prompt: str) -> dict:
+    binary = llama_binary(args.llama_bin)
+    if binary.name == "llama-simple":
+        command = [str(binary), "-m", str(gguf), "-n", str(args.llama_tokens), prompt]
+    else:  # its own token stream, not the prompt: the speed is comparable, the text is not
+        command = [str(binary), "-m", str(gguf), "-p", "0", "-n", str(args.llama_tokens), "-t", str(args.threads),
+                   "-r", "1", "-o", "json"]
+    memory_cap.drop_page_cache()
+    with memory_cap.MemoryCap(cap) as group:
+        started = time.perf_counter()
+        done = group.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        oom = group.oom_kills
+    if done.returncode != 0:
+        return {"failed": f"exit {done.returncode}, oom kills {oom}: {done.stderr.strip()[-300:]}"}
+    if binary.name == "llama-simple":
+        speed = re.search(r"decoded (\d+) tokens in ([\d.]+) s, speed: ([\d.]+) t/s", done.stderr)
+        tokens_per_second = float(speed.group(3)) if speed else None
+    else:
+        tokens_per_second = json.loads(done.stdout)[0]["avg_ts"]
+    return {"tokens_per_second": tokens_per_second, "seconds": seconds, "binary": binary.name,
+            "new_tokens": args.llama_tokens, "oom_kills": oom, "lossless": "not checked"}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def merge(out: Path, key: str, entry: dict) -> dict:
+    report = json.loads(out.read_text()) if out.exists() else {"caps": {}}
+    report["caps"][key] = entry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, out)
+    return report
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    caps = sorted(report["caps"], key=float)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    names = sorted({name for cap in caps for name in report["caps"][cap]["runs"]})
+    for name in names:
+        points = [(float(c) * 100, report["caps"][c]["runs"][name].get("tokens_per_second")) for c in caps
+                  if report["caps"][c]["runs"].get(name, {}).get("tokens_per_second")]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=name)
+    bounds = [(float(c) * 100, report["caps"][c]["runs"][BEST]["bound"]["bound_tokens_per_second"])
+              for c in caps if "bound" in report["caps"][c]["runs"].get(BEST, {})]
+    if bounds:
+        axis.plot(*zip(*bounds), linestyle="--", color="grey", label=f"storage bound ({BEST}'s routing)")
+    axis.set(xlabel="memory cap, % of the model's bytes", ylabel="decode tokens/s", yscale="log",
+             title="memory testbed under a cgroup cap")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def table(report: dict) -> str:
+    lines = ["| cap | run | tok/s | hit rate | MB read | stall s | read GB/s | bound tok/s | % of bound | tokens = transformers |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for cap in sorted(report["caps"], key=float):
+        for name, run in report["caps"][cap]["runs"].items():
+            if "failed" in run:
+                lines.append(f"| {float(cap):.0%} | {name} | failed: {run['failed'][:60]} | | | | | | | |")
+                continue
+            bound = run.get("bound", {})
+            cell = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+            lines.append(
+                f"| {float(cap):.0%} | {name} | {cell(run.get('tokens_per_second'), '.2f')} | "
+                f"{cell(run.get('hit_rate'), '.0%')} | {cell(run.get('bytes_read', None) and run['bytes_read'] / 1e6, '.0f')} | "
+                f"{cell(run.get('stall_seconds'), '.1f')} | {cell(run.get('read_gb_per_second'), '.2f')} | "
+                f"{cell(bound.get('bound_tokens_per_second'), '.2f')} | {cell(bound.get('share_of_bound'), '.0%')} | "
+                f"{run.get('lossless', '-')} |")
+    return "\n".join(lines)
+
+
+def measure_cap(args, fraction: float, package_bytes: int, base: dict, reference, resident, bandwidth,
+                expert_bytes: int, gguf) -> dict:
+    cap = int(fraction * package_bytes)
+    runs = {}
+    if gguf is not None:
+        runs[LLAMA] = run_llama(args, gguf, cap, base["prompts"][0])
+    for name, (options, speculative) in CONTENDERS.items():
+        config = {**base, "options": options, "speculative": speculative, "memory_limit": "auto",
+                  "static_frequencies": resident["static_frequencies"] if options["policy"] == "static" else None}
+        run = run_capped(cap, config)
+        if "failed" not in run:
+            run["lossless"] = run.pop("token_ids") == reference
+            run["bound"] = storage_bound(run, expert_bytes, bandwidth["gb_per_second"] * 1e9,
+                                         1.0 / resident["end_to_end_tokens_per_second"])
+            if run.get("read_seconds"):
+                run["read_gb_per_second"] = run["bytes_read"] / run["read_seconds"] / 1e9
+            run.pop("routing")
+            run.pop("static_frequencies", None)
+        runs[name] = run
+        print(f"  cap {fraction:.0%} {name}: {run.get('tokens_per_second', run.get('failed'))}", flush=True)
+    speed = {name: run.get("tokens_per_second") for name, run in runs.items()}
+    best = speed.get(BEST)
+    ratios = {f"{BEST}/{name}": best / value for name, value in speed.items() if best and value and name != BEST}
+    return {"cap_bytes": cap, "runs": runs, "ratios": ratios, "raw_read": bandwidth,
+            "resident": {k: resident[k] for k in ("tokens_per_second", "end_to_end_tokens_per_second")},
+            "load_average": os.getloadavg()[0]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.package is None or args.model is None:
+        print("error: --package and --model are required", file=sys.stderr)
+        return 2
+    unavailable = memory_cap.available()
+    if unavailable:
+        print(f"error: cannot cap memory here: {unavailable}", file=sys.stderr)
+        return 2
+    from spac.runtime.manifest import load_manifest
+
+    manifest = load_manifest(args.package)
+    package_bytes = sum(entry["bytes"] for entry in manifest.files.values())
+    expert_bytes = manifest.target.experts.bytes_per_expert
+    prompts, calibration = prompt_sets(args.prompts)
+    print(f"package {args.package}: {package_bytes / 1e9:.2f} GB, experts of {expert_bytes / 1e6:.1f} MB; "
+          f"{len(prompts)} prompts x {args.max_new_tokens} tokens", flush=True)
+    reference = reference_tokens(args.model, args.package, prompts, args.max_new_tokens)
+    base = {"package": str(args.package), "draft_len": args.draft_len, "threads": args.threads,
+            "prompts": prompts, "max_new_tokens": args.max_new_tokens}
+    resident = run_capped(None, {**base, "options": {"policy": "spac"}, "speculative": True, "host_budget": 1.0,
+                                 "calibration": calibration})
+    if "failed" in resident:
+        print(f"error: the resident run failed: {resident['failed']}", file=sys.stderr)
+        return 1
+    bandwidth = raw_read_bandwidth(args.package, sorted(manifest.expert_data))
+    print(f"resident spac+SD: {resident['tokens_per_second']:.2f} tok/s; raw read "
+          f"{bandwidth['gb_per_second']:.2f} GB/s (O_DIRECT: {bandwidth['o_direct']})", flush=True)
+    gguf = None
+    if llama_binary(args.llama_bin) is None:
+        print(f"llama.cpp skipped: none of {', '.join(LLAMA_BINARIES)} in {args.llama_bin} "
+              "(give --llama-bin or SPAC_LLAMA_BIN)")
+    else:
+        args.work.mkdir(parents=True, exist_ok=True)
+        gguf = llama_gguf(args, args.work)
+    report = None
+    for fraction in (float(c) for c in args.caps.split(",")):
+        entry = measure_cap(args, fraction, package_bytes, base, reference, resident, bandwidth, expert_bytes, gguf)
+        entry["settings"] = {k: base[k] for k in ("draft_len", "threads", "max_new_tokens")} | {
+            "prompts": len(prompts), "llama_tokens": args.llama_tokens}
+        report = merge(args.out, f"{fraction:g}", entry)
+    plot(report, args.out.with_suffix(".png"))
+    print(table(report))
+    for cap, entry in report["caps"].items():
+        print(f"cap {float(cap):.0%}: " + ", ".join(f"{k} {v:.2f}x" for k, v in entry["ratios"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""scripts/bench_memory.py's storage bound: Belady's MIN is optimal (checked by brute force on
+small access strings) and the bound is the larger of the read time and the resident time."""
+
+import functools
+import random
+
+import pytest
+
+import bench_memory
+
+
+def optimal_misses(accesses, capacity):
+    """Fewest misses over every eviction choice (exhaustive: small inputs only)."""
+    @functools.lru_cache(maxsize=None)
+    def best(i, cache):
+        if i == len(accesses):
+            return 0
+        key = accesses[i]
+        if key in cache:
+            return best(i + 1, cache)
+        if len(cache) < capacity:
+            return 1 + best(i + 1, cache | {key})
+        return 1 + min(best(i + 1, (cache - {victim}) | {key}) for victim in cache)
+
+    return best(0, frozenset())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_belady_is_optimal(seed):
+    rng = random.Random(seed)
+    accesses = [(rng.randrange(2), rng.randrange(3)) for _ in range(rng.randrange(4, 13))]
+    capacity = rng.randrange(1, 4)
+    assert bench_memory.belady_misses(accesses, capacity) == optimal_misses(tuple(accesses), capacity)
+
+
+def test_belady_without_a_cache_misses_everything():
+    assert bench_memory.belady_misses([(0, 1), (0, 1), (1, 2)], 0) == 3
+
+
+def test_bound_is_the_slower_of_reading_and_computing():
+    run = {"routing": [(0, [1, 2]), (1, [3]), (0, [1, 2])], "slots": 2, "new_tokens": 2,
+           "end_to_end_tokens_per_second": 1.0}
+    # MIN with 2 slots: 1, 2, 3 miss; then 1 and 2 again: one of them was evicted for 3 -> 4 misses.
+    bound = bench_memory.storage_bound(run, expert_bytes=100, bandwidth=1000.0, resident_seconds_per_token=0.01)
+    assert bound["oracle_bytes_per_token"] == 4 * 100 / 2
+    assert bound["bound_tokens_per_second"] == pytest.approx(1 / 0.2)
+    fast_disk = bench_memory.storage_bound(run, 100, 1e9, resident_seconds_per_token=0.01)
+    assert fast_disk["bound_tokens_per_second"] == pytest.approx(100.0)
+    assert fast_disk["share_of_bound"] == pytest.approx(0.01)

@@ -1,0 +1,131 @@
+"""Memory accounting (spac.runtime.memory, spac-run --memory-limit): limits read from cgroup
+files, plans that refuse what cannot fit, and a run under a real cgroup-v1 cap that is not
+OOM-killed where the same run without the limit is."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import memory_cap
+from spac.export.testbed import widen_experts
+from spac.runtime.manifest import load_manifest
+from spac.runtime.tokenizer import TextTokenizer
+from spac.runtime.memory import MemoryLimitError, available_memory, cgroup_limit, plan_memory, resolve_limit
+
+WIDTH = 32768  # 25 MB fp32 experts, 16 of them: the experts outweigh the runtime itself
+PROMPT = "def add(a, b):\n    return"
+NEW_TOKENS = 12
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v1_limit_is_the_smallest_along_the_ancestors(tmp_path):
+    proc = tmp_path / "cgroup"
+    write(proc, "4:memory:/jobs/one\n0::/\n")
+    root = tmp_path / "sys"
+    write(root / "memory/memory.limit_in_bytes", "9223372036854771712\n")  # the root: no limit
+    write(root / "memory/jobs/memory.limit_in_bytes", "500000000\n")
+    write(root / "memory/jobs/one/memory.limit_in_bytes", "800000000\n")
+    assert cgroup_limit(proc, root) == 500000000
+    write(root / "memory/jobs/memory.limit_in_bytes", "9223372036854771712\n")
+    assert cgroup_limit(proc, root) == 800000000
+
+
+def test_cgroup_v2_limit_and_no_limit(tmp_path):
+    proc, root = tmp_path / "cgroup", tmp_path / "sys"
+    write(proc, "0::/user.slice/app\n")
+    write(root / "user.slice/app/memory.max", "max\n")
+    assert cgroup_limit(proc, root) is None
+    write(root / "user.slice/memory.max", "268435456\n")
+    assert cgroup_limit(proc, root) == 268435456
+
+
+def test_meminfo_and_bad_values(tmp_path):
+    write(tmp_path / "meminfo", "MemTotal:  1000 kB\nMemAvailable:  2048 kB\n")
+    assert available_memory(tmp_path / "meminfo") == 2048 * 1024
+    assert resolve_limit("auto") > 0
+    for bad in (0, -5, "lots", 1.5):
+        with pytest.raises(MemoryLimitError, match="positive number of bytes"):
+            resolve_limit(bad)
+
+
+def test_a_limit_below_the_loaded_runtime_is_refused_with_what_it_needs():
+    with pytest.raises(MemoryLimitError, match=r"too small.*give at least \d+ MB"):
+        plan_memory(10_000_000, kv_cache=0, read_buffers=0, expert_bytes=1_000_000)
+    plan = plan_memory(64 << 30, kv_cache=1000, read_buffers=2000, expert_bytes=1_000_000)
+    assert plan.host_budget == plan.limit - plan.resident - 3000 - plan.margin > 0
+
+
+def run_cli(*args, **options):
+    return subprocess.run([sys.executable, "-m", "spac.runtime.cli", *args], capture_output=True, text=True,
+                          **options)
+
+
+def test_cli_refuses_a_bad_memory_limit(tmp_path):
+    result = run_cli("--package", str(tmp_path), "--prompt", "x", "--memory-limit", "half")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--memory-limit" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def wide_package(model_pair, tmp_path_factory):
+    from spac.export.package import ExportOptions, export_package
+
+    model_dir, draft_dir = model_pair("qwen3_moe")
+    root = tmp_path_factory.mktemp("wide")
+    wide = widen_experts(model_dir, root / "model", WIDTH).path
+    export_package(ExportOptions(wide, draft_dir, root / "pkg", progress=False))
+    model = AutoModelForCausalLM.from_pretrained(wide)
+    ids = torch.tensor([TextTokenizer(load_manifest(root / "pkg")).encode_prompt(PROMPT)])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                              do_sample=False)[0, ids.shape[1]:].tolist()
+    return root / "pkg", expected
+
+
+@pytest.mark.skipif(memory_cap.available() is not None, reason=memory_cap.available() or "")
+def test_runs_inside_a_real_cgroup_cap_that_kills_the_unlimited_run(wide_package):
+    package, expected = wide_package
+    experts_bytes = 16 * 3 * 64 * WIDTH * 4
+    args = ["--package", str(package), "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS),
+            "--json", "--policy", "lru", "--draft-len", "2"]
+    # The cap: the experts' bytes and a little more, so that the runtime with a host cache for
+    # 15 of the 16 experts cannot fit it (with all 16 the experts would load resident, and ONNX
+    # Runtime maps resident weights from the files: reclaimable page cache, not a kill).
+    cap = experts_bytes + (48 << 20)
+    memory_cap.drop_page_cache()
+    with memory_cap.MemoryCap(cap) as capped:
+        result = capped.run([sys.executable, "-m", "spac.runtime.cli", *args, "--memory-limit", "auto", "--direct-io"],
+                            capture_output=True, text=True)
+        assert result.returncode == 0 and capped.oom_kills == 0, result.stderr[-2000:]
+        assert capped.peak_bytes <= cap
+    out = json.loads(result.stdout)
+    assert out["token_ids"] == expected
+    assert 0 < out["stats"]["bytes_paged"]  # the cap left room for only part of the experts
+    with memory_cap.MemoryCap(cap) as capped:
+        unlimited = capped.run([sys.executable, "-m", "spac.runtime.cli", *args, "--host-budget", "99%"],
+                               capture_output=True, text=True)
+        assert unlimited.returncode != 0 and capped.oom_kills > 0
+
+
+def test_a_self_draft_is_planned_without_a_draft_models_kv_cache(exported):
+    from spac.runtime import Runtime
+    from spac.runtime.memory import kv_cache_bytes
+
+    package = exported("qwen3_moe").output
+    manifest = load_manifest(package)
+    context = manifest.target.dims["max_position_embeddings"]
+    plans = {}
+    for draft in ("model", "self"):
+        with Runtime(package, draft=draft, memory_limit=8 << 30) as runtime:
+            plans[draft], itemsize = runtime.memory, np.dtype(runtime.target.dtype).itemsize
+            assert runtime.generate(PROMPT, max_new_tokens=4).token_ids  # the planned runtime runs
+    target_kv = kv_cache_bytes(manifest.target, context, itemsize)
+    assert plans["self"].kv_cache == target_kv  # it writes into the target's own cache
+    assert plans["model"].kv_cache == target_kv + kv_cache_bytes(manifest.draft, context, itemsize)
