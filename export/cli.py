@@ -97,10 +97,10 @@ def summary(result) -> str:
     report = result.verification
     if report:
         draft_diff = report["draft_max_abs_diff"]
-        draft_diff = f", draft {draft_diff:.2e}" if draft_diff is not None else ""
-        rows.append(("verification", f"passed: max abs logit diff target {report['target_max_abs_diff']:.2e}"
-                                     f"{draft_diff} (tolerance {report['target_tolerance']:.2g}, "
-                                     f"{report['tolerance']:g})"))
+        draft_diff = (f", draft {draft_diff:.2e} (tolerance {report['tolerance']:g})"
+                      if draft_diff is not None else "")
+        rows.append(("verification", f"passed: max abs logit diff target {report['target_max_abs_diff']:.2e} "
+                                     f"(tolerance {report['target_tolerance']:.2g}){draft_diff}"))
     else:
         rows.append(("verification", "skipped (--no-verify)"))
     rows.append(("time", f"{result.seconds:.1f} s"))

@@ -109,12 +109,13 @@ def measure_export(model_dir: Path, draft_dir: Path, package: Path, verify: bool
 
 def parse_verification(summary: str) -> dict | None:
     """The differences from spac-export's summary line; None when it did not verify."""
-    match = re.search(r"max abs logit diff target (\S+), draft (\S+) \(tolerance (\S+)\)", summary)
+    match = re.search(r"max abs logit diff target (\S+) \(tolerance (\S+)\), draft (\S+) \(tolerance (\S+)\)",
+                      summary)
     if not match:
         return None
-    target, draft, tolerance = (float(value) for value in match.groups())
-    return {"passed": max(target, draft) <= tolerance, "target_max_abs_diff": target,
-            "draft_max_abs_diff": draft, "tolerance": tolerance}
+    target, target_tolerance, draft, tolerance = (float(value) for value in match.groups())
+    return {"passed": target <= target_tolerance and draft <= tolerance, "target_max_abs_diff": target,
+            "target_tolerance": target_tolerance, "draft_max_abs_diff": draft, "tolerance": tolerance}
 
 
 def exporter_source() -> str:

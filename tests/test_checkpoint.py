@@ -61,7 +61,7 @@ def test_float_checkpoints_export_and_reproduce_the_model(dtype, pair, tmp_path,
     assert (model / "model.safetensors.index.json").is_file() and len(list(model.glob("*.safetensors"))) > 2
     assert export(model, pair[1], tmp_path / "pkg") == 0, capsys.readouterr().err
     summary = capsys.readouterr().out
-    target_diff = float(summary.split("max abs logit diff target ")[1].split(",")[0])
+    target_diff = float(summary.split("max abs logit diff target ")[1].split(" ")[0])
     assert target_diff <= 1e-4, summary
     manifest = load_manifest(tmp_path / "pkg")
     # An expert's file holds exactly the checkpoint's tensors, cast to float32.

@@ -195,7 +195,8 @@ def test_cli_exports_verifies_and_force_replaces_the_old_package_whole(small_pai
     assert done.returncode == 0, done.stderr
     for row in ("layers", "experts", "bytes per expert", "total bytes", "files"):
         assert re.search(rf"^{row}\s", done.stdout, re.M), done.stdout
-    assert re.search(r"^verification\s+passed: max abs logit diff target \S+, draft \S+", done.stdout, re.M)
+    assert re.search(r"^verification\s+passed: max abs logit diff target \S+ \(tolerance \S+\), draft \S+ \(tolerance \S+\)",
+                     done.stdout, re.M)
     assert not (output / "stale.txt").exists()
     manifest = load_manifest(output)
     for name in manifest.files:
