@@ -184,7 +184,7 @@ class Runtime:
                  **options) -> GenerationResult:
         """Takes stream()'s arguments and returns the whole result. Safe to call from several
         threads: calls on one Runtime run one after the other, each with its own result."""
-        generation = self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, **options)
+        generation = self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, **options)
         for _ in generation:
             pass
         return generation.result
@@ -203,11 +203,6 @@ class Runtime:
         with the previous sequence (a chat's earlier turns); `cancel()` returning True ends the
         generation after the current round. Generations on one Runtime run one at a time (a
         stream holds the Runtime from its first piece until it ends or is closed)."""
-        return self._generation(prompt, max_new_tokens, temperature, top_p, seed, stop, speculative,
-                                reuse_cache=reuse_cache, cancel=cancel, **sampling)
-
-    def _generation(self, prompt, max_new_tokens, temperature, top_p, seed, stop, speculative, *,
-                    reuse_cache: bool = False, cancel=None, **sampling) -> Generation:
         self._check_open()
         prompt_ids = self._check_request(prompt, max_new_tokens)
         sampler = Sampler.from_options(self.generation_defaults, seed, temperature=temperature, top_p=top_p,
