@@ -40,6 +40,6 @@ def generate_all(runtime, texts: list[str], speculative: bool, max_new_tokens: i
         "read_seconds": paging.read_seconds if paging else 0.0,
         "issued": paging.prefetch_issued if paging else 0, "used": paging.prefetch_used if paging else 0,
         "dropped": paging.prefetch_dropped if paging else 0,
-        "proposed": stats.decode.proposed, "accepted": stats.decode.accepted, "cut": stats.decode.cut,
+        "proposed": stats.decode.proposed, "accepted": stats.decode.accepted,
         "token_ids": [r.token_ids for r in results],
     }

@@ -55,11 +55,6 @@ class HostCache:
         with self.lock:
             return key in self.slots
 
-    def holds_or_fetches(self, key) -> bool:
-        """Cached, or being read into the cache by the prefetcher."""
-        with self.lock:
-            return key in self.slots or key in self.in_flight
-
     def layer_experts(self, layer: int) -> set[int]:
         with self.lock:
             return {expert for (slot_layer, expert) in self.slots if slot_layer == layer}

@@ -29,7 +29,6 @@ READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants sev
 # A draft's lookahead outranks every utility: the verify pass will route to these experts. Once
 # cached they are not given up for another prefetch until the next round's utilities come.
 LOOKAHEAD_UTILITY = float("inf")
-MISS_SMOOTHING = 0.2  # weight of the newest layer in the average stall per miss
 
 
 class PagedExperts:
@@ -66,7 +65,6 @@ class PagedExperts:
                            if policy == "spac" and self.capacity else None)
         self.looked_ahead: set[tuple[int, int]] = set()  # asked for by this round's draft
         self.layer_lookahead = layer_lookahead if self.prefetcher is not None else None
-        self.miss_seconds = 0.0  # see _time_misses
 
     @staticmethod
     def read_buffers(expert_bytes: int) -> int:
@@ -101,30 +99,6 @@ class PagedExperts:
         self.layer_lookahead.read_early += len(wanted)
         self.prefetcher.add(wanted)
 
-    def rows_to_compute(self, layer: int, topk_ids: np.ndarray, required: int, worth: Sequence[float]) -> int:
-        """How many leading rows of a verify batch are worth computing from this MoE layer on
-        (the `spac` policy; the others compute every row). The first `required` rows must be;
-        row `required + j` holds a draft that pays `worth[j]` seconds if the drafts up to it are
-        accepted. Its price here is the reads of the experts it adds to what the rows before it
-        need and the cache holds (a miss costs what misses have stalled lately), and it will be
-        asked about as much by each MoE layer still to come, so it is charged against its worth
-        shared among them. The cut is the prefix with the largest worth less cost: speculative
-        decoding tells the pager which reads are likely wasted, the pager tells speculative
-        decoding where to stop judging."""
-        if self.policy != "spac" or not self.miss_seconds:
-            return len(topk_ids)
-        layers_left = len(self.moe_layers) - self.moe_layers.index(layer)
-        needed = {int(expert) for expert in topk_ids[:required].reshape(-1)}
-        best, best_gain, gain = required, 0.0, 0.0
-        for offset, row in enumerate(topk_ids[required:]):
-            added = {int(expert) for expert in row} - needed
-            needed |= added
-            reads = sum(1 for expert in added if not self.host.holds_or_fetches((layer, expert)))
-            gain += worth[offset] / layers_left - reads * self.miss_seconds
-            if gain >= best_gain:
-                best, best_gain = required + offset + 1, gain
-        return best
-
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
             router_logits: np.ndarray | None = None) -> np.ndarray:
         if self.prefetcher is not None:
@@ -157,20 +131,16 @@ class PagedExperts:
                 outputs[expert] = (self.device.run((layer, expert), x[rows]), self.device.kernel.provider)
             elif expert not in misses:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
-        layer_stall = 0.0
         for index, expert in enumerate(misses):
             started = time.perf_counter()
             buffer = result(reads.pop(expert), self.files.path(layer, expert))
-            layer_stall += time.perf_counter() - started
+            paging.stall_seconds += time.perf_counter() - started
             if index + READ_THREADS < len(misses):
                 following = misses[index + READ_THREADS]
                 reads[following] = self.readers.submit(self._fetch, layer, following)
             kept = self._admit((layer, expert), buffer)
             outputs[expert] = (self.kernel.run(x[groups[expert][0]], buffer), "cpu")
             weights[expert] = buffer if kept or plan else None
-        if misses:
-            paging.stall_seconds += layer_stall
-            self._time_misses(layer_stall / len(misses))
         out = np.zeros_like(x)
         for expert, (rows, slots) in groups.items():  # ascending expert order, as transformers sums
             y, provider = outputs[expert]
@@ -181,12 +151,6 @@ class PagedExperts:
             self._prefetch_to_device(layer, plan.prefetch, weights)
         self.position.computed.add(layer)  # evict-first from now until the next round's utilities
         return out
-
-    def _time_misses(self, seconds: float) -> None:
-        """A running average of what a miss stalls the critical path (reads overlap, so it is
-        less than one read's time), the price rows_to_compute puts on a read."""
-        self.miss_seconds = seconds if not self.miss_seconds else (
-            MISS_SMOOTHING * seconds + (1 - MISS_SMOOTHING) * self.miss_seconds)
 
     def _score_guesses(self, layer: int, routed: set[int]) -> None:
         for expert in self.layer_lookahead.score(layer, routed) - routed:

@@ -140,20 +140,13 @@ def parse_memory_limit(text: str) -> int | str:
     return nbytes
 
 
-def cut_note(stats: dict) -> str:
-    """How many drafts the pager left unjudged (spac.ops.pager.PagedExperts.rows_to_compute)."""
-    cut = stats.get("draft_tokens_cut", 0)
-    return f", {cut} drafts cut for their reads" if cut else ""
-
-
 def stats_line(stats: dict) -> str:
     calls = ", ".join(f"{ep} {n}" for ep, n in sorted(stats["expert_calls"].items())) or "none"
     substitution = (f", substitution {stats['draft_substitution_rate']:.0%}" if stats["draft"] == "self" else "")
     return (f"[spac] {stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s decode, "
             f"prefill {stats['prefill_seconds'] * 1000:.0f} ms | draft {stats['draft']}{substitution}, "
             f"acceptance {stats['acceptance_rate']:.0%}, "
-            f"{stats['mean_accepted_per_round']:.2f} accepted/round (γ={stats['draft_len']}"
-            f"{cut_note(stats)}), "
+            f"{stats['mean_accepted_per_round']:.2f} accepted/round (γ={stats['draft_len']}), "
             f"draft {stats['draft_seconds_per_round'] * 1000:.1f} ms / verify "
             f"{stats['verify_seconds_per_round'] * 1000:.1f} ms per round | "
             f"expert calls {calls}, hit rate {stats['expert_hit_rate']:.0%}, "

@@ -72,15 +72,8 @@ class ModelRunner:
     def length(self) -> int:
         return self.kv.layers[0][0].shape[2]
 
-    def forward(self, tokens, worth=None) -> np.ndarray:
-        """Logits [T, V] for `tokens` placed after the cached positions; the cache grows by T.
-
-        `worth` (a verify pass's, greedy only) marks the last len(worth) tokens as drafts and
-        says how many seconds each row is worth; an expert stack with `rows_to_compute` may then
-        stop computing the batch's tail at a MoE layer where reading the tail's experts would
-        cost more than it is worth. Attention is causal and routing is per token, so the rows
-        before the cut are what a pass that fed only them computes: fewer logits come back, and
-        greedy verification judges fewer drafts, exactly as with a shorter draft."""
+    def forward(self, tokens) -> np.ndarray:
+        """Logits [T, V] for `tokens` placed after the cached positions; the cache grows by T."""
         ids = np.asarray(tokens, dtype=np.int64)[None]
         positions = np.arange(self.length, self.length + ids.shape[1], dtype=np.int64)[None]
         hidden, cos, sin = self.embed.run(None, {"input_ids": ids, "position_ids": positions})
@@ -88,8 +81,6 @@ class ModelRunner:
         # whole, so the next generation can still reuse it.
         cache = list(self.kv.layers)
         anticipate = getattr(self.experts, "anticipate", None)  # the pager's layer lookahead
-        cut = getattr(self.experts, "rows_to_compute", None) if worth else None
-        required = ids.shape[1] - len(worth or ())
         for index, (layer, session) in enumerate(zip(self.section.layers, self.layers)):
             past_first, past_second = cache[index]
             feeds = {"hidden": hidden, "rope_cos": cos, "rope_sin": sin, "past_first": past_first, "past_second": past_second}
@@ -101,12 +92,6 @@ class ModelRunner:
                 residual, moe_input, topk_ids, topk_weights, router_logits, *present = session.run(None, feeds)
                 if anticipate and layer.index in self.next_moe:  # and the next layer's, while this one's experts run
                     anticipate(self.next_moe[layer.index], residual[0], 1)
-                if cut:
-                    rows = cut(layer.index, topk_ids, required, worth)
-                    if rows < len(topk_ids):  # this layer on computes the batch's first rows only
-                        residual, cos, sin = residual[:, :rows], cos[:, :rows], sin[:, :rows]
-                        moe_input, topk_ids, topk_weights = moe_input[:rows], topk_ids[:rows], topk_weights[:rows]
-                        router_logits, worth = router_logits[:rows], worth[:rows - required]
                 if self.on_routing:
                     self.on_routing(layer.index, topk_ids)
                 routed = self.experts.run(layer.index, moe_input, topk_ids, topk_weights, router_logits)[None]
@@ -116,9 +101,7 @@ class ModelRunner:
                     hidden = residual + routed
             cache[index] = tuple(present)
         logits = self.head.run(None, {"hidden": hidden})[0][0]
-        self.kv.layers, self.kv.tokens = cache, self.kv.tokens + ids[0, :len(logits)].tolist()
-        if len(logits) < ids.shape[1]:  # the layers before a cut hold the dropped rows too
-            self.truncate(len(self.kv.tokens))
+        self.kv.layers, self.kv.tokens = cache, self.kv.tokens + ids[0].tolist()
         return logits
 
     def truncate(self, length: int) -> None:

@@ -28,7 +28,7 @@ from .manifest import load_manifest
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit
 from .model import ModelRunner
 from .profile import load_profile
-from .speculative import DRAFT_MODES, Decoder, DraftOutlook, Sampler
+from .speculative import DRAFT_MODES, Decoder, Sampler
 from .stats import GenerationStats
 from .tokenizer import TextTokenizer
 
@@ -128,7 +128,6 @@ class Runtime:
         if not 0.0 <= min_draft_confidence <= 1.0:
             raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
         self.min_draft_confidence = min_draft_confidence
-        self.outlook = DraftOutlook()  # kept across generations: acceptance by depth, token cost
         if self.draft_mode == "none":
             self.draft_len = 0
         self.provider = choose_provider(self.profile, providers, strict)
@@ -254,7 +253,7 @@ class Runtime:
                   stop, speculative: bool, reuse_cache: bool, cancel):
         limit = min(max_new_tokens, self.context - len(prompt_ids))
         decoder = Decoder(self.target, self.draft if speculative else None, sampler, self.experts,
-                          self.min_draft_confidence, self.outlook)
+                          self.min_draft_confidence)
         draft_len = self.draft_len if speculative else 0
         text = _TextAssembler(self.tokenizer, stop or [])
         self.experts.reset_stats()  # stats are per generation; cached experts stay

@@ -142,7 +142,6 @@ class DecodeStats:
     proposed: int = 0
     accepted: int = 0
     reused: int = 0  # prompt tokens the target's cache already held
-    cut: int = 0  # drafts left unjudged because the verify pass stopped short of them
     draft_seconds: float = 0.0  # drafting, summed over the rounds
     verify_seconds: float = 0.0  # the target's verify passes, summed over the rounds
 
@@ -158,50 +157,10 @@ class DecodeStats:
 
     def as_dict(self) -> dict:
         return {"reused_prompt_tokens": self.reused, "rounds": self.rounds, "draft_tokens_proposed": self.proposed,
-                "draft_tokens_cut": self.cut,
                 "draft_tokens_accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
                 "mean_accepted_per_round": self.mean_accepted_per_round,
                 "draft_seconds_per_round": self.draft_seconds / self.rounds if self.rounds else 0.0,
                 "verify_seconds_per_round": self.verify_seconds / self.rounds if self.rounds else 0.0}
-
-
-class DraftOutlook:
-    """What each draft row of a verify pass is worth, in seconds, from the rounds seen so far:
-    the chance the draft is accepted that deep (acceptance counted per depth, from an even
-    prior) times what a generated token costs lately. A memory-bound pager weighs it against
-    the reads the row's experts would need (spac.ops.pager.PagedExperts.rows_to_compute)."""
-
-    SMOOTHING = 0.2  # weight of the newest round in the seconds-per-token average
-
-    def __init__(self):
-        self.judged: list[int] = []  # per depth: rounds that judged a draft there
-        self.accepted: list[int] = []  # ... and accepted it
-        self.token_seconds = 0.0
-
-    def record(self, judged: int, accepted: int, seconds: float, tokens: int) -> None:
-        grow = judged - len(self.judged)
-        if grow > 0:
-            self.judged += [0] * grow
-            self.accepted += [0] * grow
-        for depth in range(judged):
-            self.judged[depth] += 1
-            self.accepted[depth] += depth < accepted
-        latest = seconds / tokens
-        self.token_seconds = latest if not self.token_seconds else (
-            self.SMOOTHING * latest + (1 - self.SMOOTHING) * self.token_seconds)
-
-    def worth(self, drafts: int) -> list[float] | None:
-        """Seconds each of `drafts` rows is worth (the row holding draft j pays when drafts
-        1..j are accepted), or None before any round was timed."""
-        if not self.token_seconds:
-            return None
-        worth, reach = [], 1.0
-        for depth in range(drafts):
-            judged = self.judged[depth] if depth < len(self.judged) else 0
-            accepted = self.accepted[depth] if depth < len(self.accepted) else 0
-            reach *= (accepted + 1) / (judged + 2)
-            worth.append(reach * self.token_seconds)
-        return worth
 
 
 class Decoder:
@@ -215,18 +174,13 @@ class Decoder:
     one ends (`end_round`), so they can plan and prefetch for the next while the draft runs."""
 
     def __init__(self, target: ModelRunner, draft: ModelRunner | None, sampler: Sampler,
-                 experts: Experts | None = None, min_confidence: float = 0.0, outlook: DraftOutlook | None = None):
+                 experts: Experts | None = None, min_confidence: float = 0.0):
         """`experts`: the target's routed experts, told where each round ends. `min_confidence`:
         a round stops drafting after a token the draft gave less than this probability (its
         softmax, after the penalties), so the verify pass judges fewer likely rejections; the
-        draft length then depends on the draft's own output only, so sampling stays exact.
-        `outlook` (greedy only) lets the target's experts cut a verify pass short where a draft
-        row is worth less than its reads (ModelRunner.forward): whether a draft is judged then
-        depends on the target's routing of earlier rows and on the cache, which greedy
-        verification does not mind but the exactness of sampling would."""
+        draft length then depends on the draft's own output only, so sampling stays exact."""
         self.target, self.draft, self.sampler, self.experts = target, draft, sampler, experts
         self.min_confidence = min_confidence
-        self.outlook = outlook if sampler.greedy else None
         self.stats = DecodeStats()
         self.tokens: list[int] = []
         self.prompt_length = 0
@@ -261,13 +215,9 @@ class Decoder:
         drafts, draft_probs = self._propose(draft_len)
         drafted = time.perf_counter()
         self.target.truncate(len(self.tokens) - 1)  # what a self-draft wrote into the shared cache
-        judged, accepted = self.stats.proposed, self.stats.accepted
         new = self._verify(drafts, draft_probs)
-        ended = time.perf_counter()
         self.stats.draft_seconds += drafted - started
-        self.stats.verify_seconds += ended - drafted
-        if self.outlook:
-            self.outlook.record(self.stats.proposed - judged, self.stats.accepted - accepted, ended - started, len(new))
+        self.stats.verify_seconds += time.perf_counter() - drafted
         self._end_round(drafts, drafted - started)
         self.tokens += new
         self.target.truncate(len(self.tokens) - 1)
@@ -301,23 +251,20 @@ class Decoder:
 
     def _verify(self, drafts: list[int], draft_probs: list[np.ndarray]) -> list[int]:
         fed = self.tokens[self.target.length:]
-        worth = self.outlook.worth(len(drafts)) if self.outlook else None
-        logits = self.target.forward(fed + drafts, worth=worth)
+        logits = self.target.forward(fed + drafts)
         rows = logits[len(fed) - 1:]  # rows[i] predicts the token after drafts[:i]
-        judged = drafts[:len(rows)]  # a pass cut short judges only the drafts its rows reach
         self.stats.rounds += 1
-        self.stats.proposed += len(judged)
-        self.stats.cut += len(drafts) - len(judged)
+        self.stats.proposed += len(drafts)
         new = []
-        for i, token in enumerate(judged):
+        for i, token in enumerate(drafts):
             # A rejected token can't come back as its own replacement: greedy replaces it by a
             # different argmax, sampling draws from max(0, p - q), which is 0 where q > p.
             new.append(self._judge(token, rows[i], draft_probs[i] if draft_probs else None, self.tokens + new))
             if new[-1] != token:
                 return new
             self.stats.accepted += 1
-        if len(rows) > len(judged):  # all accepted: the target adds one more
-            new.append(self.sampler.pick(rows[len(judged)], self.tokens + new, self.prompt_length))
+        # All accepted: the target adds one more.
+        new.append(self.sampler.pick(rows[len(drafts)], self.tokens + new, self.prompt_length))
         return new
 
     def _judge(self, token: int, target_logits: np.ndarray, q: np.ndarray | None, context: list[int]) -> int:

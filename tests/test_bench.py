@@ -134,7 +134,7 @@ def test_trace_recorder_settles_acceptance_from_cache_lengths():
     class Runner:
         length = 0
 
-        def forward(self, tokens, worth=None):
+        def forward(self, tokens):
             self.on_routing(0, np.array([[0, 1]] * len(tokens)))
 
         def reset(self):

@@ -200,7 +200,7 @@ def run_decoder(decoder: Decoder, prompt: list[int], count: int, draft_len: int)
 class NegatedRunner(ModelRunner):
     """The target with negated logits: as a greedy draft it proposes the least likely token."""
 
-    def forward(self, tokens, worth=None):
+    def forward(self, tokens):
         return -super().forward(tokens)
 
 
@@ -325,7 +325,7 @@ class TableRunner:
     def logits_after(self, prefix) -> np.ndarray:
         return self.table[len(prefix) % len(self.table), prefix[-1]]
 
-    def forward(self, tokens, worth=None) -> np.ndarray:
+    def forward(self, tokens) -> np.ndarray:
         self.calls += 1
         rows = []
         for token in tokens:
@@ -734,12 +734,12 @@ def test_keyboard_interrupt_keeps_partial_result_and_runtime_usable(runtime_for,
     forward = ModelRunner.forward
     calls = {"n": 0}
 
-    def interrupting_forward(self, tokens, worth=None):
+    def interrupting_forward(self, tokens):
         if self is target:
             calls["n"] += 1
             if calls["n"] == 4:  # prefill + two verification rounds, then Ctrl-C
                 raise KeyboardInterrupt
-        return forward(self, tokens, worth)
+        return forward(self, tokens)
 
     monkeypatch.setattr(ModelRunner, "forward", interrupting_forward)
     with pytest.raises(KeyboardInterrupt):
