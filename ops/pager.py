@@ -131,6 +131,8 @@ class PagedExperts:
                 outputs[expert] = (self.device.run((layer, expert), x[rows]), self.device.kernel.provider)
             elif expert not in misses:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
+                if not plan:  # a miss may evict it (lru): then this reference alone would keep it
+                    weights[expert] = None
         for index, expert in enumerate(misses):
             started = time.perf_counter()
             buffer = result(reads.pop(expert), self.files.path(layer, expert))
@@ -138,9 +140,11 @@ class PagedExperts:
             if index + READ_THREADS < len(misses):
                 following = misses[index + READ_THREADS]
                 reads[following] = self.readers.submit(self._fetch, layer, following)
-            kept = self._admit((layer, expert), buffer)
+            self._admit((layer, expert), buffer)
             outputs[expert] = (self.kernel.run(x[groups[expert][0]], buffer), "cpu")
-            weights[expert] = buffer if kept or plan else None
+            # Only the device plan needs the weights again; holding a kept miss would outlive its
+            # slot when a later miss of this layer evicts it (lru), past what read_buffers counts.
+            weights[expert] = buffer if plan else None
         out = np.zeros_like(x)
         for expert, (rows, slots) in groups.items():  # ascending expert order, as transformers sums
             y, provider = outputs[expert]

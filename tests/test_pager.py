@@ -269,6 +269,43 @@ def test_slots_of_the_layer_being_computed_are_frozen(package, monkeypatch):
     assert set(pager.host.slots) == {(0, 0), (0, 1), (0, 6), (1, 7)}
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_expert_buffers_held_in_a_layer_stay_within_the_memory_plan(policy, package, monkeypatch):
+    """A layer whose tokens route to every expert, one cache slot: at any expert call the
+    buffers alive are at most the cache's plus the reads ahead plus the one computed, what
+    spac.runtime.memory budgets (PagedExperts.read_buffers). lru used to keep each admitted
+    miss referenced until the layer ended, though the next miss had evicted it."""
+    import weakref
+
+    from spac.ops import pager as pager_module
+
+    manifest = load_manifest(package())
+    utilities = FixedUtilities(manifest)
+    pager = PagedExperts(manifest, SessionFactory(1), manifest.target.experts.bytes_per_expert, policy,
+                         utilities if policy == "spac" else None)
+    pager.stop_prefetching()
+    alive, most = [], [0]
+    fetch, compute = pager._fetch, pager.kernel.run
+
+    def tracked_fetch(layer, expert):
+        weights = fetch(layer, expert)
+        alive.append(weakref.ref(next(iter(weights.values()))))
+        return weights
+
+    def counted_run(x, weights):
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        return compute(x, weights)
+
+    monkeypatch.setattr(pager, "_fetch", tracked_fetch)
+    monkeypatch.setattr(pager.kernel, "run", counted_run)
+    experts = manifest.target.dims["num_experts"]
+    try:
+        run_layer(pager, 0, *[(e, (e + 1) % experts) for e in range(0, experts, 2)])
+    finally:
+        pager.close()
+    assert 0 < most[0] <= pager.capacity + pager_module.READ_THREADS + 1
+
+
 def test_a_layer_just_computed_is_evicted_first(package):
     pager, utilities = make_pager(package(), slots=4)
     utilities.values[0, [0, 1]] = 5
