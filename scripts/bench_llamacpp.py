@@ -10,9 +10,8 @@ layers, 32 experts, top-4). spac: `Runtime.generate(..., speculative=False)` aft
 prompt, with the global thread pool (spac-run's default); int4 is `--experts int4 --trunk int4`
 (block 32, asymmetric; routers and embeddings stay float32). llama.cpp: `llama-bench -p 0 -n
 TOKENS -t THREADS` on GGUF files that its own convert_hf_to_gguf.py (F32) and llama-quantize
-(Q4_0) make from the model directory. The converter refuses our tokenizers' unknown
-pre-tokenizer, so it runs with TextModel.get_vocab_base_pre patched to return "default" (the
-conversion only, the model's tokens are not used by llama-bench).
+(Q4_0) make from the model directory (scripts/gguf_convert.py: the converter runs with its
+pre-tokenizer lookup patched; llama-bench does not use the model's tokens).
 
 DIR (or $SPAC_LLAMA_CPP) is a llama.cpp source folder with build/bin/llama-bench and
 llama-quantize; without one, llama.cpp is skipped with a message and only spac is measured.
@@ -32,16 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_runtime import build_package, interleaved_rates, runtime_rate  # noqa: E402
-
-CONVERT = """
-import sys
-sys.path[:0] = [{root!r}, {gguf!r}]
-import convert_hf_to_gguf as convert
-convert.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"  # our test tokenizers' pre-tokenizer
-sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outfile", {out!r}, "--outtype", "f32"]
-convert.main()
-"""
-
+from gguf_convert import convert_to_gguf  # noqa: E402
 
 def llama_cpp_tools(folder: Path | None) -> dict | None:
     """Paths of llama-bench and llama-quantize and the converter, or None (with the reason printed)."""
@@ -59,10 +49,7 @@ def llama_cpp_tools(folder: Path | None) -> dict | None:
 
 def gguf_files(tools: dict, model_dir: Path, work: Path) -> dict[str, Path]:
     f32, q4 = work / "model-f32.gguf", work / "model-q4_0.gguf"
-    if not f32.is_file():
-        root = tools["convert"].parent
-        code = CONVERT.format(root=str(root), gguf=str(root / "gguf-py"), model=str(model_dir), out=str(f32))
-        subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
+    convert_to_gguf(tools["convert"].parent, model_dir, f32)
     if not q4.is_file():
         subprocess.run([str(tools["quantize"]), str(f32), str(q4), "Q4_0"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

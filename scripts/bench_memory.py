@@ -45,7 +45,8 @@ from spac.bench.prompts import CALIBRATION_MODULES, HELDOUT_MODULES, function_op
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import memory_cap  # noqa: E402  (a sibling script, not a package)
+import memory_cap  # noqa: E402  (sibling scripts, not a package)
+from gguf_convert import convert_to_gguf  # noqa: E402
 
 CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads with O_DIRECT
     "lru": (dict(policy="lru", direct_io=True), False),
@@ -219,21 +220,8 @@ def storage_bound(run: dict, expert_bytes: int, bandwidth: float, resident_secon
 
 
 def llama_gguf(args, work: Path) -> Path:
-    """The model as an fp32 GGUF (cached). convert_hf_to_gguf.py refuses this tokenizer's
-    unknown pre-tokenizer hash: its lookup is patched to the default pre-tokenizer."""
-    gguf = work / f"{args.model.name}-f32.gguf"
-    if gguf.exists():
-        return gguf
-    root = args.llama_bin.resolve().parents[1]
-    patch = ("import sys; sys.path[:0] = [{root!r}, {root!r} + '/gguf-py']; sys.argv = {argv!r}\n"
-             "import convert_hf_to_gguf as c\n"
-             "base = getattr(c, 'TextModel', None) or __import__('conversion.base', fromlist=['x']).TextModel\n"
-             "base.get_vocab_base_pre = lambda self, tokenizer: 'default'\n"
-             "c.main()\n").format(root=str(root), argv=["convert_hf_to_gguf.py", str(args.model), "--outtype", "f32",
-                                                       "--outfile", str(gguf) + ".partial"])
-    subprocess.run([sys.executable, "-c", patch], check=True, capture_output=True, text=True)
-    os.replace(str(gguf) + ".partial", gguf)
-    return gguf
+    """The model as an fp32 GGUF (cached in `work`)."""
+    return convert_to_gguf(args.llama_bin.resolve().parents[1], args.model, work / f"{args.model.name}-f32.gguf")
 
 
 def llama_binary(folder: Path | None) -> Path | None:

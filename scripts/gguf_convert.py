@@ -1,0 +1,33 @@
+"""llama.cpp as a peer in the benchmarks: its own converter turns a Hugging Face folder into GGUF.
+
+convert_hf_to_gguf.py refuses our tokenizers' unknown pre-tokenizer hash, so it runs with its
+lookup (TextModel.get_vocab_base_pre, in conversion/base.py in newer trees) patched to return
+the default pre-tokenizer; the weights are converted as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PATCHED_CONVERTER = (
+    "import sys; sys.path[:0] = [{root!r}, {root!r} + '/gguf-py']; sys.argv = {argv!r}\n"
+    "import convert_hf_to_gguf as c\n"
+    "base = getattr(c, 'TextModel', None) or __import__('conversion.base', fromlist=['x']).TextModel\n"
+    "base.get_vocab_base_pre = lambda self, tokenizer: 'default'\n"
+    "c.main()\n")
+
+
+def convert_to_gguf(source_root: Path, model_dir: Path, gguf: Path, outtype: str = "f32") -> Path:
+    """`model_dir` as `gguf` (kept if it exists; written atomically), by the converter in the
+    llama.cpp source folder `source_root`."""
+    if gguf.exists():
+        return gguf
+    partial = str(gguf) + ".partial"
+    code = PATCHED_CONVERTER.format(root=str(source_root), argv=["convert_hf_to_gguf.py", str(model_dir),
+                                                                 "--outtype", outtype, "--outfile", partial])
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    os.replace(partial, gguf)
+    return gguf
