@@ -38,7 +38,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_paging import PAGE_CACHE, REPO, TRAINED, export, prompts  # noqa: E402
+from bench_paging import PAGE_CACHE, REPO, TRAINED, export  # noqa: E402
+from spac.bench.prompts import PAGING_MODULES, function_openings, warmup_prompt  # noqa: E402
 
 CONFIDENCE = 0.5  # the adaptive contenders stop drafting after a token the draft gave less than this
 # name -> Runtime options; "policy" None means the budget's default (resident at 100 %)
@@ -124,9 +125,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"no trained model in {args.trained} (run scripts/train_small_moe.py)")
     package = export(model, draft, args.packages / "small-moe")
     os.sync()  # DONTNEED cannot drop dirty pages: flush what the export just wrote
-    found = prompts()
-    warmup = found.pop(next(reversed(found)))
-    texts = list(found.values())[:PROMPT_COUNT]
+    warmup = warmup_prompt()
+    texts = list(function_openings(PAGING_MODULES).values())[:PROMPT_COUNT]
     print(f"package: {package}; {PROMPT_COUNT} prompts × {args.max_new_tokens} tokens, γ = {args.draft_len}, "
           f"{args.threads} threads, {args.repeats} repeats, load average {os.getloadavg()[0]:.1f}")
     print(f"storage reads: {PAGE_CACHE}\n")

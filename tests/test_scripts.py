@@ -94,10 +94,15 @@ def test_bench_runtime_quick(clone):
 
 @pytest.mark.slow
 def test_train_then_bench_paging(clone):
-    """The path a new user takes: train the small model, then benchmark paging on it."""
+    """The path a new user takes: train the small model, then benchmark paging and self-speculative
+    decoding on it."""
     run_script(clone, "scripts/train_small_moe.py", "--quick")
     done = run_script(clone, "scripts/bench_paging.py", "--max-new-tokens", "4")
     assert "trained on the standard library" in done.stdout
+    run_script(clone, "scripts/bench_self_speculative.py", "--budgets", "0.25", "--repeats", "1",
+               "--max-new-tokens", "4")
+    result = json.loads((clone[0] / "results" / "bench_self_speculative.json").read_text())
+    assert result["lossless"] and set(result["budgets"]["25%"]["runs"]) >= {"no SD (lru)", "draft SD", "self SD"}
 
 
 @pytest.mark.slow
