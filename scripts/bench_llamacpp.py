@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_runtime import build_package, interleaved_rates, runtime_rate  # noqa: E402
-from gguf_convert import convert_to_gguf  # noqa: E402
+from gguf_convert import LLAMA_CPP_ENVIRONMENT, add_llama_cpp_argument, convert_to_gguf, llama_cpp_binaries  # noqa: E402
 
 def llama_cpp_tools(folder: Path | None) -> dict | None:
     """Paths of llama-bench and llama-quantize and the converter, or None (with the reason printed)."""
     if folder is None:
-        print("llama.cpp: skipped (give --llama-cpp DIR or set SPAC_LLAMA_CPP to a built llama.cpp folder)")
+        print(f"llama.cpp: skipped (give --llama-cpp DIR or set {LLAMA_CPP_ENVIRONMENT} to a built llama.cpp folder)")
         return None
-    tools = {"bench": folder / "build/bin/llama-bench", "quantize": folder / "build/bin/llama-quantize",
+    tools = {"bench": llama_cpp_binaries(folder) / "llama-bench", "quantize": llama_cpp_binaries(folder) / "llama-quantize",
              "convert": folder / "convert_hf_to_gguf.py"}
     missing = [str(path) for path in tools.values() if not path.is_file()]
     if missing:
@@ -67,8 +66,7 @@ def llama_bench_rate(bench: Path, model: Path, tokens: int, threads: int):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llama-cpp", type=Path, default=os.environ.get("SPAC_LLAMA_CPP"),
-                        help="a llama.cpp folder with build/bin/llama-bench (default: $SPAC_LLAMA_CPP)")
+    add_llama_cpp_argument(parser, "llama-bench and llama-quantize")
     parser.add_argument("--work", type=Path, default=Path("cache/bench_runtime"), help="model and package cache")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)

@@ -3,7 +3,7 @@
 memory caps, with the storage-bound limit each run could reach.
 
     python scripts/bench_memory.py --package PKG --model MODEL_DIR [--caps 0.3,0.45,0.6]
-        [--llama-bin DIR | $SPAC_LLAMA_BIN] [--out results/bench_memory.json]
+        [--llama-cpp DIR | $SPAC_LLAMA_CPP] [--out results/bench_memory.json]
 
 PKG is the spac package of MODEL_DIR (the memory testbed: scripts/make_testbed.py, then
 spac-export). For every cap (a fraction of the package's bytes) each contender runs in a fresh
@@ -31,7 +31,6 @@ import json
 import mmap
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import memory_cap  # noqa: E402  (sibling scripts, not a package)
-from gguf_convert import convert_to_gguf  # noqa: E402
+from gguf_convert import LLAMA_CPP_ENVIRONMENT, add_llama_cpp_argument, convert_to_gguf, llama_cpp_binaries  # noqa: E402
 
 CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads with O_DIRECT
     "lru": (dict(policy="lru", direct_io=True), False),
@@ -71,9 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llama-tokens", type=int, default=16, help="tokens llama.cpp generates (it is slow here)")
     p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--llama-bin", type=Path, default=os.environ.get("SPAC_LLAMA_BIN"),
-                   help="llama.cpp's build/bin folder (llama-simple or llama-bench; convert_hf_to_gguf.py two "
-                        "levels up); absent: llama.cpp is skipped")
+    add_llama_cpp_argument(p, "llama-simple or llama-bench")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spac-bench-memory",
                    help="scratch folder (the GGUF conversion is cached here)")
     p.add_argument("--out", type=Path, default=HERE.parent / "docs" / "results" / "bench_memory.json")
@@ -221,19 +218,19 @@ def storage_bound(run: dict, expert_bytes: int, bandwidth: float, resident_secon
 
 def llama_gguf(args, work: Path) -> Path:
     """The model as an fp32 GGUF (cached in `work`)."""
-    return convert_to_gguf(args.llama_bin.resolve().parents[1], args.model, work / f"{args.model.name}-f32.gguf")
+    return convert_to_gguf(args.llama_cpp, args.model, work / f"{args.model.name}-f32.gguf")
 
 
 def llama_binary(folder: Path | None) -> Path | None:
     """llama-simple (greedy, real prompts) where it was built, else llama-bench (speed only)."""
     for name in LLAMA_BINARIES:
-        if folder is not None and (folder / name).is_file():
-            return folder / name
+        if folder is not None and (llama_cpp_binaries(folder) / name).is_file():
+            return llama_cpp_binaries(folder) / name
     return None
 
 
 def run_llama(args, gguf: Path, cap: int, prompt: str) -> dict:
-    binary = llama_binary(args.llama_bin)
+    binary = llama_binary(args.llama_cpp)
     if binary.name == "llama-simple":
         command = [str(binary), "-m", str(gguf), "-n", str(args.llama_tokens), prompt]
     else:  # its own token stream, not the prompt: the speed is comparable, the text is not
@@ -373,9 +370,9 @@ def main(argv=None) -> int:
     print(f"resident spac+SD: {resident['tokens_per_second']:.2f} tok/s; raw read "
           f"{bandwidth['gb_per_second']:.2f} GB/s (O_DIRECT: {bandwidth['o_direct']})", flush=True)
     gguf = None
-    if llama_binary(args.llama_bin) is None:
-        print(f"llama.cpp skipped: none of {', '.join(LLAMA_BINARIES)} in {args.llama_bin} "
-              "(give --llama-bin or SPAC_LLAMA_BIN)")
+    if llama_binary(args.llama_cpp) is None:
+        print(f"llama.cpp skipped: none of {', '.join(LLAMA_BINARIES)} under {args.llama_cpp}/build/bin "
+              f"(give --llama-cpp DIR or {LLAMA_CPP_ENVIRONMENT})")
     else:
         args.work.mkdir(parents=True, exist_ok=True)
         gguf = llama_gguf(args, args.work)

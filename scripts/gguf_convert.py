@@ -1,4 +1,8 @@
-"""llama.cpp as a peer in the benchmarks: its own converter turns a Hugging Face folder into GGUF.
+"""llama.cpp as a peer in the benchmarks: where it is, and its own converter turning a Hugging
+Face folder into GGUF.
+
+Every benchmark takes llama.cpp the same way: `--llama-cpp DIR` (or $SPAC_LLAMA_CPP), a
+llama.cpp source folder with its tools built under build/bin; without it llama.cpp is skipped.
 
 convert_hf_to_gguf.py refuses our tokenizers' unknown pre-tokenizer hash, so it runs with its
 lookup (TextModel.get_vocab_base_pre, in conversion/base.py in newer trees) patched to return
@@ -7,10 +11,13 @@ the default pre-tokenizer; the weights are converted as they are.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+LLAMA_CPP_ENVIRONMENT = "SPAC_LLAMA_CPP"
 
 PATCHED_CONVERTER = (
     "import sys; sys.path[:0] = [{root!r}, {root!r} + '/gguf-py']; sys.argv = {argv!r}\n"
@@ -18,6 +25,17 @@ PATCHED_CONVERTER = (
     "base = getattr(c, 'TextModel', None) or __import__('conversion.base', fromlist=['x']).TextModel\n"
     "base.get_vocab_base_pre = lambda self, tokenizer: 'default'\n"
     "c.main()\n")
+
+
+def add_llama_cpp_argument(parser: argparse.ArgumentParser, tools: str) -> None:
+    """--llama-cpp DIR, defaulting to $SPAC_LLAMA_CPP; `tools` names the build/bin tools used."""
+    parser.add_argument("--llama-cpp", type=Path, default=os.environ.get(LLAMA_CPP_ENVIRONMENT),
+                        help=f"a llama.cpp source folder with {tools} built under build/bin "
+                             f"(default: ${LLAMA_CPP_ENVIRONMENT}); absent: llama.cpp is skipped")
+
+
+def llama_cpp_binaries(folder: Path) -> Path:
+    return folder / "build" / "bin"
 
 
 def convert_to_gguf(source_root: Path, model_dir: Path, gguf: Path, outtype: str = "f32") -> Path:

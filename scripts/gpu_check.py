@@ -36,7 +36,6 @@ the output stays the target's greedy output (checked).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
