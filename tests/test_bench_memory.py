@@ -47,3 +47,21 @@ def test_bound_is_the_slower_of_reading_and_computing():
     fast_disk = bench_memory.storage_bound(run, 100, 1e9, resident_seconds_per_token=0.01)
     assert fast_disk["bound_tokens_per_second"] == pytest.approx(100.0)
     assert fast_disk["share_of_bound"] == pytest.approx(0.01)
+
+
+def test_llama_cpp_folder_is_found_through_build_bin_or_skipped(tmp_path, capsys):
+    """Both llama.cpp benchmarks take the same --llama-cpp folder; without its tools they skip."""
+    import bench_llamacpp
+
+    assert bench_memory.llama_binary(None) is None and bench_memory.llama_binary(tmp_path) is None
+    assert bench_llamacpp.llama_cpp_tools(None) is None and bench_llamacpp.llama_cpp_tools(tmp_path) is None
+    assert "skipped" in capsys.readouterr().out
+    binaries = tmp_path / "build" / "bin"
+    binaries.mkdir(parents=True)
+    for name in ("llama-bench", "llama-quantize"):
+        (binaries / name).write_text("")
+    (tmp_path / "convert_hf_to_gguf.py").write_text("")
+    assert bench_memory.llama_binary(tmp_path) == binaries / "llama-bench"
+    assert bench_llamacpp.llama_cpp_tools(tmp_path)["bench"] == binaries / "llama-bench"
+    (binaries / "llama-simple").write_text("")  # greedy on the real prompts where it was built
+    assert bench_memory.llama_binary(tmp_path) == binaries / "llama-simple"
