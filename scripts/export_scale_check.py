@@ -94,16 +94,20 @@ def run_export(command: list[str], interval: float = 0.5) -> dict:
             "stdout": output["stdout"], "stderr": output["stderr"]}
 
 
-def export_command(model_dir: Path, draft_dir: Path, package: Path, verify: bool, dtype: str) -> list[str]:
-    command = [sys.executable, "-m", "spac.export.cli", str(model_dir), "--draft", str(draft_dir), "-o", str(package),
-               "--force", "--quiet", "--dtype", dtype]
+def export_command(model_dir: Path, draft_dir: Path | None, package: Path, verify: bool, dtype: str,
+                   experts: str) -> list[str]:
+    command = [sys.executable, "-m", "spac.export.cli", str(model_dir), "-o", str(package),
+               "--force", "--quiet", "--dtype", dtype, "--experts", experts]
+    if draft_dir is not None:
+        command += ["--draft", str(draft_dir)]
     return command if verify else [*command, "--no-verify"]
 
 
-def measure_export(model_dir: Path, draft_dir: Path, package: Path, verify: bool = True,
-                   dtype: str = "float32") -> dict:
-    """spac-export in a subprocess of this interpreter: run_export's measurements and the command."""
-    command = export_command(model_dir, draft_dir, package, verify, dtype)
+def measure_export(model_dir: Path, draft_dir: Path | None, package: Path, verify: bool = True,
+                   dtype: str = "float32", experts: str = "float") -> dict:
+    """spac-export in a subprocess of this interpreter (no draft when draft_dir is None):
+    run_export's measurements and the command."""
+    command = export_command(model_dir, draft_dir, package, verify, dtype, experts)
     return {**run_export(command), "command": " ".join(command)}
 
 
@@ -153,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="the package's dtype")
     parser.add_argument("--work-dir", type=Path, help="where models and package go (default: a temp folder, "
                                                       "removed at the end); a model built there before is reused")
+    parser.add_argument("--experts", choices=["float", "int8", "int4"], default="float",
+                        help="spac-export --experts: the routed experts' weights (default float, the package dtype)")
+    parser.add_argument("--no-draft", action="store_true", help="export the target alone (no draft model)")
     parser.add_argument("--verify", action="store_true", help="let spac-export verify (loads the models whole)")
     args = parser.parse_args(argv)
 
@@ -167,7 +174,8 @@ def main(argv=None) -> int:
         model_dir, draft_dir = build(work, config, DTYPES[args.checkpoint_dtype])
         build_seconds = time.perf_counter() - built
         package = work / "package"
-        run = measure_export(model_dir, draft_dir, package, args.verify, args.dtype)
+        run = measure_export(model_dir, None if args.no_draft else draft_dir, package, args.verify, args.dtype,
+                             args.experts)
         model_bytes = weight_bytes(model_dir)
         layer_bytes = expert_bytes_per_layer(config, DTYPES[args.checkpoint_dtype])
         package_bytes = sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) if package.exists() else 0
@@ -177,6 +185,7 @@ def main(argv=None) -> int:
     report = {
         "config": config,
         "checkpoint_dtype": args.checkpoint_dtype,
+        "experts": args.experts,
         "command": run["command"],
         "exporter": exporter_source(),
         "returncode": run["returncode"],

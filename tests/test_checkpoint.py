@@ -286,11 +286,18 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
 
 
 @pytest.mark.slow
-def test_qwen3_30b_a3b_layer_shape_exports_under_3_gb(tmp_path):
+@pytest.mark.parametrize("experts, dtype", [("float", "float16"), ("int4", "float32")])
+def test_qwen3_30b_a3b_layer_shape_exports_under_3_gb(tmp_path, experts, dtype):
     """Two layers of Qwen3-30B-A3B's shape (128 experts of 2048 x 768, bf16: 2.4 GB of experts),
-    exported to float16 in under 3 GB of peak RSS."""
-    model, draft = streamed(tmp_path, 2, **QWEN3_30B_A3B_LAYER)
-    run = measure_export(model, draft, tmp_path / "pkg", verify=False, dtype="float16")
+    exported without a draft, to float16 or with int4 experts, in under 3 GB of peak RSS."""
+    model, _ = streamed(tmp_path, 2, **QWEN3_30B_A3B_LAYER)
+    package = tmp_path / "pkg"
+    run = measure_export(model, None, package, verify=False, dtype=dtype, experts=experts)
     assert run["returncode"] == 0, run["stderr"][-2000:]
     assert checkpoint_bytes(model) > 2.4e9
     assert run["peak_rss"] < 3 * 2**30, run["peak_rss"]
+    assert not (package / "draft").exists()
+    if experts == "int4":  # per 32 weights: 4 bits each, a float32 scale and a 4-bit zero point
+        weights = 2 * QWEN3_30B_A3B_LAYER["num_experts"] * 3 * 2048 * 768
+        expert_bytes = sum(f.stat().st_size for f in (package / "target" / "experts").rglob("*.data"))
+        assert expert_bytes < 1.05 * weights * (4 + (32 + 4) / 32) / 8, expert_bytes
