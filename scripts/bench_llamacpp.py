@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_runtime import build_package, interleaved_rates, runtime_rate  # noqa: E402
-from gguf_convert import LLAMA_CPP_ENVIRONMENT, add_llama_cpp_argument, convert_to_gguf, llama_cpp_binaries  # noqa: E402
+from gguf_convert import (LLAMA_CPP_ENVIRONMENT, LLAMA_TYPE_OF_BITS, add_llama_cpp_argument, convert_to_gguf,  # noqa: E402
+                          llama_cpp_binaries, quantize_gguf)
 
 def llama_cpp_tools(folder: Path | None) -> dict | None:
     """Paths of llama-bench and llama-quantize and the converter, or None (with the reason printed)."""
@@ -47,12 +48,9 @@ def llama_cpp_tools(folder: Path | None) -> dict | None:
 
 
 def gguf_files(tools: dict, model_dir: Path, work: Path) -> dict[str, Path]:
-    f32, q4 = work / "model-f32.gguf", work / "model-q4_0.gguf"
-    convert_to_gguf(tools["convert"].parent, model_dir, f32)
-    if not q4.is_file():
-        subprocess.run([str(tools["quantize"]), str(f32), str(q4), "Q4_0"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"float32": f32, "int4": q4}
+    llama_cpp = tools["convert"].parent
+    f32 = convert_to_gguf(llama_cpp, model_dir, work / "model-f32.gguf")
+    return {"float32": f32, "int4": quantize_gguf(llama_cpp, f32, LLAMA_TYPE_OF_BITS[4])}
 
 
 def llama_bench_rate(bench: Path, model: Path, tokens: int, threads: int):

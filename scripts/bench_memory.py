@@ -11,7 +11,10 @@ process inside its own cgroup-v1 memory group at that cap (scripts/memory_cap.py
 cache was dropped: llama.cpp (the same fp32 weights as GGUF, mmap, greedy), spac `lru` without
 speculative decoding, `static` + SD, `spac` + SD. The spac runs size their host cache with
 `--memory-limit auto`, i.e. from the cap itself. Every spac run's greedy tokens are checked
-against transformers' `generate` on MODEL_DIR.
+against transformers' `generate` on MODEL_DIR. A package with quantized experts (spac-export
+--experts int4|int8) is measured against llama.cpp's type of the same bits (Q4_0, Q8_0, from
+its llama-quantize), and its runs' tokens are checked against the same package with every
+expert resident (quantized tokens are not transformers'; how far they agree is reported).
 
 The storage-bound limit of a run: Belady's MIN over the routing that run recorded (every pass,
 SD verify passes included) with a cache of the run's size gives the bytes per generated token
@@ -45,7 +48,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import memory_cap  # noqa: E402  (sibling scripts, not a package)
-from gguf_convert import LLAMA_CPP_ENVIRONMENT, add_llama_cpp_argument, convert_to_gguf, llama_cpp_binaries  # noqa: E402
+from gguf_convert import (LLAMA_CPP_ENVIRONMENT, LLAMA_TYPE_OF_BITS, add_llama_cpp_argument, convert_to_gguf,  # noqa: E402
+                          llama_cpp_binaries, quantize_gguf)
 
 CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads with O_DIRECT
     "lru": (dict(policy="lru", direct_io=True), False),
@@ -105,6 +109,14 @@ def reference_tokens(model_dir: Path, package: Path, prompts: list[str], new_tok
         cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
         out.append(new[:cut])
     return out
+
+
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of `reference`'s tokens that `tokens` reproduce before they first differ."""
+    def common_prefix(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    return sum(common_prefix(a, b) for a, b in zip(tokens, reference)) / max(1, sum(map(len, reference)))
 
 
 # ------------------------------------------------------------------------------------ worker
@@ -216,9 +228,10 @@ def storage_bound(run: dict, expert_bytes: int, bandwidth: float, resident_secon
 # ------------------------------------------------------------------------------------ llama.cpp
 
 
-def llama_gguf(args, work: Path) -> Path:
-    """The model as an fp32 GGUF (cached in `work`)."""
-    return convert_to_gguf(args.llama_cpp, args.model, work / f"{args.model.name}-f32.gguf")
+def llama_gguf(args, work: Path, bits: int | None) -> Path:
+    """The model as GGUF (cached in `work`): fp32, or llama.cpp's type of the package's expert bits."""
+    f32 = convert_to_gguf(args.llama_cpp, args.model, work / f"{args.model.name}-f32.gguf")
+    return f32 if bits is None else quantize_gguf(args.llama_cpp, f32, LLAMA_TYPE_OF_BITS[bits])
 
 
 def llama_binary(folder: Path | None) -> Path | None:
@@ -292,7 +305,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def table(report: dict) -> str:
-    lines = ["| cap | run | tok/s | hit rate | MB read | stall s | read GB/s | bound tok/s | % of bound | tokens = transformers |",
+    lines = ["| cap | run | tok/s | hit rate | MB read | stall s | read GB/s | bound tok/s | % of bound | tokens = reference |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cap in sorted(report["caps"], key=float):
         for name, run in report["caps"][cap]["runs"].items():
@@ -358,7 +371,8 @@ def main(argv=None) -> int:
     prompts, calibration = prompt_sets(args.prompts)
     print(f"package {args.package}: {package_bytes / 1e9:.2f} GB, experts of {expert_bytes / 1e6:.1f} MB; "
           f"{len(prompts)} prompts x {args.max_new_tokens} tokens", flush=True)
-    reference = reference_tokens(args.model, args.package, prompts, args.max_new_tokens)
+    transformers_tokens = reference_tokens(args.model, args.package, prompts, args.max_new_tokens)
+    quantization = manifest.target.experts.quantization
     base = {"package": str(args.package), "draft_len": args.draft_len, "threads": args.threads,
             "prompts": prompts, "max_new_tokens": args.max_new_tokens}
     resident = run_capped(None, {**base, "options": {"policy": "spac"}, "speculative": True, "host_budget": 1.0,
@@ -366,6 +380,12 @@ def main(argv=None) -> int:
     if "failed" in resident:
         print(f"error: the resident run failed: {resident['failed']}", file=sys.stderr)
         return 1
+    reference = transformers_tokens if quantization is None else resident["token_ids"]
+    checks = {"reference": "transformers generate" if quantization is None else
+              f"this package with every expert resident (int{quantization.bits} experts)",
+              "agreement_with_transformers": agreement(resident["token_ids"], transformers_tokens)}
+    print(f"tokens checked against {checks['reference']}; every expert resident agrees with transformers on "
+          f"{checks['agreement_with_transformers']:.0%} of the tokens", flush=True)
     bandwidth = raw_read_bandwidth(args.package, sorted(manifest.expert_data))
     print(f"resident spac+SD: {resident['tokens_per_second']:.2f} tok/s; raw read "
           f"{bandwidth['gb_per_second']:.2f} GB/s (O_DIRECT: {bandwidth['o_direct']})", flush=True)
@@ -375,12 +395,12 @@ def main(argv=None) -> int:
               f"(give --llama-cpp DIR or {LLAMA_CPP_ENVIRONMENT})")
     else:
         args.work.mkdir(parents=True, exist_ok=True)
-        gguf = llama_gguf(args, args.work)
+        gguf = llama_gguf(args, args.work, None if quantization is None else quantization.bits)
     report = None
     for fraction in (float(c) for c in args.caps.split(",")):
         entry = measure_cap(args, fraction, package_bytes, base, reference, resident, bandwidth, expert_bytes, gguf)
         entry["settings"] = {k: base[k] for k in ("draft_len", "threads", "max_new_tokens")} | {
-            "prompts": len(prompts), "llama_tokens": args.llama_tokens}
+            "prompts": len(prompts), "llama_tokens": args.llama_tokens, "llama_gguf": gguf and gguf.name} | checks
         report = merge(args.out, f"{fraction:g}", entry)
     plot(report, args.out.with_suffix(".png"))
     print(table(report))

@@ -38,6 +38,22 @@ def llama_cpp_binaries(folder: Path) -> Path:
     return folder / "build" / "bin"
 
 
+# spac's block-quantized experts -> the llama.cpp type of the same bits and block size
+LLAMA_TYPE_OF_BITS = {4: "Q4_0", 8: "Q8_0"}
+
+
+def quantize_gguf(llama_cpp: Path, f32: Path, llama_type: str) -> Path:
+    """`f32` quantized by llama-quantize to `llama_type` beside it (kept if it exists; atomic)."""
+    out = f32.with_name(f32.name.replace("-f32", "").removesuffix(".gguf") + f"-{llama_type.lower()}.gguf")
+    if out.exists():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    subprocess.run([str(llama_cpp_binaries(llama_cpp) / "llama-quantize"), str(f32), str(partial), llama_type],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.replace(partial, out)
+    return out
+
+
 def convert_to_gguf(source_root: Path, model_dir: Path, gguf: Path, outtype: str = "f32") -> Path:
     """`model_dir` as `gguf` (kept if it exists; written atomically), by the converter in the
     llama.cpp source folder `source_root`."""

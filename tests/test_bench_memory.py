@@ -65,3 +65,10 @@ def test_llama_cpp_folder_is_found_through_build_bin_or_skipped(tmp_path, capsys
     assert bench_llamacpp.llama_cpp_tools(tmp_path)["bench"] == binaries / "llama-bench"
     (binaries / "llama-simple").write_text("")  # greedy on the real prompts where it was built
     assert bench_memory.llama_binary(tmp_path) == binaries / "llama-simple"
+
+
+def test_agreement_counts_tokens_up_to_the_first_difference():
+    reference = [[1, 2, 3, 4], [5, 6]]
+    assert bench_memory.agreement(reference, reference) == 1.0
+    assert bench_memory.agreement([[1, 2, 9, 4], [5]], reference) == 3 / 6  # a later match does not count
+    assert bench_memory.agreement([[7], [8]], reference) == 0.0
