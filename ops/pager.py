@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .device_slots import DeviceSlots
-from .experts import ExpertKernel, group_by_expert, weighted_sum
+from .experts import ExpertKernel, cached_expert_bytes, group_by_expert, weighted_sum
 from .host_cache import HostCache, PassPosition
 from .prefetcher import Prefetcher
 from .read_pool import ReadPool, result
@@ -26,6 +26,9 @@ from .stats import ExpertStats, PagingStats
 from .storage import ExpertFiles
 
 READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants several in flight)
+# A read ahead of a prepared expert holds its session (2.75x its bytes, see ExpertKernel.prepare)
+# and creating it is CPU work, which the cores bound rather than the storage queue.
+PREPARED_READS_AHEAD = 2
 # A draft's lookahead outranks every utility: the verify pass will route to these experts. Once
 # cached they are not given up for another prefetch until the next round's utilities come.
 LOOKAHEAD_UTILITY = float("inf")
@@ -51,6 +54,7 @@ class PagedExperts:
         self.capacity = max(0, budget_bytes // self.expert_bytes)  # slots
         self.files = ExpertFiles(manifest, verify, reader)
         self.kernel = ExpertKernel(manifest, sessions, prepared=device is None)
+        self.reads_ahead = self.misses_read_ahead(self.kernel.prepared_graph is not None)
         self.stats = ExpertStats(paging=PagingStats())
         self.position = PassPosition()
         self.host = HostCache(policy, self.capacity, self.position, self.stats.paging)
@@ -67,11 +71,16 @@ class PagedExperts:
         self.layer_lookahead = layer_lookahead if self.prefetcher is not None else None
 
     @staticmethod
-    def read_buffers(expert_bytes: int) -> int:
-        """The most expert reads in flight or held outside the cache at once: a layer's reads
-        ahead (one per reader thread), the one being computed, the prefetcher's. A self-draft
-        computes from the cache only and adds none."""
-        return (READ_THREADS + 2) * expert_bytes
+    def misses_read_ahead(prepared: bool) -> int:
+        """How many of a layer's misses are read (and prepared) ahead of the one computed."""
+        return PREPARED_READS_AHEAD if prepared else READ_THREADS
+
+    @staticmethod
+    def read_buffers(manifest, prepared: bool) -> int:
+        """The most experts in flight or held outside the cache at once: a layer's reads ahead,
+        the one being computed, the prefetcher's; each as the kernel holds it (`prepared`: as a
+        session). A self-draft computes from the cache only and adds none."""
+        return (PagedExperts.misses_read_ahead(prepared) + 2) * cached_expert_bytes(manifest, prepared)
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats(paging=PagingStats())
@@ -121,10 +130,10 @@ class PagedExperts:
             if weights[expert] is None:
                 paging.host_misses += 1
                 misses.append(expert)
-        # At most READ_THREADS misses are read ahead of the one being computed, and a miss the
+        # At most reads_ahead misses are read ahead of the one being computed, and a miss the
         # cache does not keep is dropped once computed: a layer's misses never all sit in RAM
-        # at once (the memory limit counts READ_THREADS + 1 expert buffers, see read_buffers).
-        reads = {expert: self.readers.submit(self._fetch, layer, expert) for expert in misses[:READ_THREADS]}
+        # at once (the memory limit counts reads_ahead + 1 of them, see read_buffers).
+        reads = {expert: self.readers.submit(self._fetch, layer, expert) for expert in misses[:self.reads_ahead]}
         outputs = {}
         for expert, (rows, _) in groups.items():
             if expert in gpu:
@@ -137,8 +146,8 @@ class PagedExperts:
             started = time.perf_counter()
             buffer = result(reads.pop(expert), self.files.path(layer, expert))
             paging.stall_seconds += time.perf_counter() - started
-            if index + READ_THREADS < len(misses):
-                following = misses[index + READ_THREADS]
+            if index + self.reads_ahead < len(misses):
+                following = misses[index + self.reads_ahead]
                 reads[following] = self.readers.submit(self._fetch, layer, following)
             self._admit((layer, expert), buffer)
             outputs[expert] = (self.kernel.run(x[groups[expert][0]], buffer), "cpu")

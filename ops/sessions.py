@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import onnxruntime as ort
 
 from .providers import PROVIDERS
@@ -51,31 +52,46 @@ class SessionFactory:
         """`global_pool`: every session shares one process-wide intra-op pool. Faster (see below),
         but ORT then refuses any session in the process made without use_per_session_threads=False,
         so it is for processes where spac owns ONNX Runtime."""
-        self.options = ort.SessionOptions()
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.options.log_severity_level = 3
+        self.threads, self.global_pool = threads, global_pool
+        self.options = self._new_options()
+        self.provider_options = provider_options or {}
+
+    def _new_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
         # A package has hundreds of sessions (one per expert). With a pool each, their idle
         # workers spinning after a run starve the one running session (63 ms per expert call
         # against 0.8 ms, hidden 1024, 64 sessions, 2 cores). Not spinning at all costs a futex
         # wake per parallel section (49-58 tok/s in bench_runtime); spinning only while a run
         # lasts (force_spinning_stop) costs one per run (62-64 tok/s). One process-wide pool
         # needs no wake at all (70-76 tok/s).
-        if global_pool and use_global_pool(threads or os.cpu_count() or 1):
-            self.options.use_per_session_threads = False
+        if self.global_pool and use_global_pool(self.threads or os.cpu_count() or 1):
+            options.use_per_session_threads = False
         else:  # (thread counts on a session that uses the global pool make ORT warn per session)
-            if threads:
-                self.options.intra_op_num_threads = threads
-            self.options.inter_op_num_threads = 1
-            self.options.add_session_config_entry("session.force_spinning_stop", "1")
-        self.provider_options = provider_options or {}
+            if self.threads:
+                options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        return options
 
-    def create(self, model: str | os.PathLike | bytes, provider: str = "cpu") -> ort.InferenceSession:
-        """A session for a model file, or for a serialized model (bytes)."""
+    def create(self, model: str | os.PathLike | bytes, provider: str = "cpu",
+               initializers: dict | None = None) -> ort.InferenceSession:
+        """A session for a model file, or for a serialized model (bytes). `initializers` (name ->
+        host array) supply the graph's external initializers from memory without a copy: the
+        session keeps the arrays alive (ORT reads them in place and prepacks from them)."""
         providers = [(PROVIDERS[provider], self.provider_options.get(provider, {}))]
         if provider != "cpu":
             providers.append((PROVIDERS["cpu"], {}))
         source = model if isinstance(model, bytes) else str(model)
-        session = ort.InferenceSession(source, self.options, providers=providers)
+        options = self.options
+        if initializers:
+            options = self._new_options()  # external initializers belong to one session's options
+            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in initializers.values()]
+            options.add_external_initializers(list(initializers), values)
+        session = ort.InferenceSession(source, options, providers=providers)
+        if initializers:
+            session.spac_initializers = (initializers, values)
         if PROVIDERS[provider] not in session.get_providers():
             name = "an in-memory graph" if isinstance(model, bytes) else model
             raise ProviderUnavailable(f"{PROVIDERS[provider]} could not be used for {name}")

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from spac.ops.experts import cached_expert_bytes, prepares_sessions
 from spac.ops.pager import PagedExperts
 from spac.ops.providers import PROVIDERS
 from spac.ops.self_draft import SelfDraftExperts
@@ -25,7 +26,7 @@ from spac.ops.sessions import SessionFactory, cuda_available
 from .chat import chat_prompt
 from .expert_stack import ExpertOptions, build_experts, verify_trunk
 from .manifest import load_manifest
-from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit
+from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit, return_freed_buffers_to_the_kernel
 from .model import ModelRunner
 from .profile import load_profile
 from .speculative import DRAFT_MODES, Decoder, Sampler
@@ -142,8 +143,10 @@ class Runtime:
         self.context = self.manifest.target.dims["max_position_embeddings"]
         self.memory = None
         if memory_limit is not None:
-            self.memory = self._plan_memory(resolve_limit(memory_limit))
-            host_budget = self.memory.host_budget
+            return_freed_buffers_to_the_kernel()
+            self.memory = self._plan_memory(resolve_limit(memory_limit), device_tier is not None)
+            # The pager counts its budget in expert bytes as stored; the plan, in slots as held.
+            host_budget = self.memory.cache_slots * self.manifest.target.experts.bytes_per_expert
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
                                 direct_io=direct_io, layer_lookahead=layer_lookahead)
         self.experts = self.target.experts = build_experts(self.manifest, self.profile, self.sessions, options)
@@ -157,14 +160,16 @@ class Runtime:
         self._lock = threading.Lock()
         self._generating_thread: int | None = None
 
-    def _plan_memory(self, limit: int) -> MemoryPlan:
+    def _plan_memory(self, limit: int, device_tier: bool) -> MemoryPlan:
         """The host cache's share of `limit` once the loaded trunk and draft model, the KV caches
-        (a self-draft writes into the target's own) and the read buffers are counted."""
+        (a self-draft writes into the target's own) and the read buffers are counted, each
+        expert as the pager will hold it (block-quantized ones on the CPU: as sessions)."""
         itemsize = np.dtype(self.target.dtype).itemsize
         sections = (self.manifest.target, self.manifest.draft if self.draft_mode == "model" else None)
         kv = sum(kv_cache_bytes(section, self.context, itemsize) for section in sections if section is not None)
-        expert_bytes = self.manifest.target.experts.bytes_per_expert
-        plan = plan_memory(limit, kv, PagedExperts.read_buffers(expert_bytes), expert_bytes)
+        prepared = prepares_sessions(self.manifest, self.provider, device_tier)
+        plan = plan_memory(limit, kv, PagedExperts.read_buffers(self.manifest, prepared),
+                           cached_expert_bytes(self.manifest, prepared))
         log.info("memory limit %.0f MB: %s", limit / 1e6, plan.as_dict())
         return plan
 

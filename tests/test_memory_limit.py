@@ -3,6 +3,7 @@ files, plans that refuse what cannot fit, and a run under a real cgroup-v1 cap t
 OOM-killed where the same run without the limit is."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -59,9 +60,10 @@ def test_meminfo_and_bad_values(tmp_path):
 
 def test_a_limit_below_the_loaded_runtime_is_refused_with_what_it_needs():
     with pytest.raises(MemoryLimitError, match=r"too small.*give at least \d+ MB"):
-        plan_memory(10_000_000, kv_cache=0, read_buffers=0, expert_bytes=1_000_000)
-    plan = plan_memory(64 << 30, kv_cache=1000, read_buffers=2000, expert_bytes=1_000_000)
+        plan_memory(10_000_000, kv_cache=0, read_buffers=0, slot_bytes=1_000_000)
+    plan = plan_memory(64 << 30, kv_cache=1000, read_buffers=2000, slot_bytes=1_000_000)
     assert plan.host_budget == plan.limit - plan.resident - 3000 - plan.margin > 0
+    assert plan.cache_slots == plan.host_budget // 1_000_000
 
 
 def run_cli(*args, **options):
@@ -112,6 +114,42 @@ def test_runs_inside_a_real_cgroup_cap_that_kills_the_unlimited_run(wide_package
         unlimited = capped.run([sys.executable, "-m", "spac.runtime.cli", *args, "--host-budget", "99%"],
                                capture_output=True, text=True)
         assert unlimited.returncode != 0 and capped.oom_kills > 0
+
+
+@pytest.fixture(scope="module")
+def wide_int4_package(model_pair, tmp_path_factory):
+    """Int4 experts of 8 MB (width 65536), 16 of them, and the tokens the package gives with
+    every expert resident (quantized tokens are the package's own, not transformers')."""
+    from spac.export.package import ExportOptions, export_package
+    from spac.runtime import Runtime
+
+    model_dir, draft_dir = model_pair("qwen3_moe")
+    root = tmp_path_factory.mktemp("wide-int4")
+    wide = widen_experts(model_dir, root / "model", 2 * WIDTH).path
+    export_package(ExportOptions(wide, draft_dir, root / "pkg", progress=False, experts="int4"))
+    shutil.rmtree(root / "model")
+    with Runtime(root / "pkg") as runtime:
+        expected = runtime.generate(PROMPT, max_new_tokens=NEW_TOKENS, speculative=False).token_ids
+    return root / "pkg", expected
+
+
+@pytest.mark.skipif(memory_cap.available() is not None, reason=memory_cap.available() or "")
+def test_paged_int4_experts_run_inside_a_cap_that_counts_their_sessions(wide_int4_package):
+    """A cached int4 expert on the CPU is an ONNX Runtime session holding its weights and their
+    prepacked copy: the plan must count that, not the expert's bytes on disk."""
+    package, expected = wide_int4_package
+    experts_bytes = 16 * load_manifest(package).target.experts.bytes_per_expert
+    cap = int(2.5 * experts_bytes)  # the plan that counted stored bytes got killed here
+    memory_cap.drop_page_cache()
+    with memory_cap.MemoryCap(cap) as capped:
+        result = capped.run([sys.executable, "-m", "spac.runtime.cli", "--package", str(package), "--prompt", PROMPT,
+                             "--max-new-tokens", str(NEW_TOKENS), "--json", "--policy", "lru", "--no-speculative",
+                             "--memory-limit", "auto", "--direct-io"], capture_output=True, text=True)
+        assert result.returncode == 0 and capped.oom_kills == 0, result.stderr[-2000:]
+        assert capped.peak_bytes <= cap
+    out = json.loads(result.stdout)
+    assert out["token_ids"] == expected
+    assert 0 < out["stats"]["bytes_paged"]
 
 
 def test_a_self_draft_is_planned_without_a_draft_models_kv_cache(exported):
