@@ -87,6 +87,9 @@ class SessionFactory:
         options = self.options
         if initializers:
             options = self._new_options()  # external initializers belong to one session's options
+            # Without an arena a run's workspace is freed when it ends: MatMulNBits on a batch
+            # (a prefill, a verify pass) dequantizes into one, which an arena would keep per session.
+            options.enable_cpu_mem_arena = False
             values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in initializers.values()]
             options.add_external_initializers(list(initializers), values)
         session = ort.InferenceSession(source, options, providers=providers)

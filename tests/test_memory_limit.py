@@ -21,6 +21,9 @@ from spac.runtime.memory import MemoryLimitError, available_memory, cgroup_limit
 WIDTH = 32768  # 25 MB fp32 experts, 16 of them: the experts outweigh the runtime itself
 PROMPT = "def add(a, b):\n    return"
 NEW_TOKENS = 12
+# A prefill of ~90 tokens: on a batch MatMulNBits dequantizes into a workspace, which an arena
+# would keep in every prepared session
+LONG_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    paths = [p for p in argv if os.path.exists(p)]\n    for path in paths:\n        print(path, os.path.getsize(path))\n    return 0\n\n\ndef add(a, b):\n    return"
 
 
 def write(path, text):
@@ -129,20 +132,21 @@ def wide_int4_package(model_pair, tmp_path_factory):
     export_package(ExportOptions(wide, draft_dir, root / "pkg", progress=False, experts="int4"))
     shutil.rmtree(root / "model")
     with Runtime(root / "pkg") as runtime:
-        expected = runtime.generate(PROMPT, max_new_tokens=NEW_TOKENS, speculative=False).token_ids
+        expected = runtime.generate(LONG_PROMPT, max_new_tokens=NEW_TOKENS, speculative=False).token_ids
     return root / "pkg", expected
 
 
 @pytest.mark.skipif(memory_cap.available() is not None, reason=memory_cap.available() or "")
 def test_paged_int4_experts_run_inside_a_cap_that_counts_their_sessions(wide_int4_package):
     """A cached int4 expert on the CPU is an ONNX Runtime session holding its weights and their
-    prepacked copy: the plan must count that, not the expert's bytes on disk."""
+    prepacked copy: the plan must count that, not the expert's bytes on disk, and the session
+    must not keep a batch's workspace."""
     package, expected = wide_int4_package
     experts_bytes = 16 * load_manifest(package).target.experts.bytes_per_expert
     cap = int(2.5 * experts_bytes)  # the plan that counted stored bytes got killed here
     memory_cap.drop_page_cache()
     with memory_cap.MemoryCap(cap) as capped:
-        result = capped.run([sys.executable, "-m", "spac.runtime.cli", "--package", str(package), "--prompt", PROMPT,
+        result = capped.run([sys.executable, "-m", "spac.runtime.cli", "--package", str(package), "--prompt", LONG_PROMPT,
                              "--max-new-tokens", str(NEW_TOKENS), "--json", "--policy", "lru", "--no-speculative",
                              "--memory-limit", "auto", "--direct-io"], capture_output=True, text=True)
         assert result.returncode == 0 and capped.oom_kills == 0, result.stderr[-2000:]
