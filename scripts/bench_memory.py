@@ -160,7 +160,8 @@ def run_capped(cap: int | None, config: dict) -> dict:
         done = group.run(command, capture_output=True, text=True)
         oom, peak = group.oom_kills, group.peak_bytes
     if done.returncode != 0:
-        return {"failed": f"exit {done.returncode}, oom kills {oom}: {done.stderr.strip()[-400:]}", "oom_kills": oom}
+        last_line = (done.stderr.strip().splitlines() or [""])[-1][-400:]  # an error's own line, not its traceback
+        return {"failed": f"exit {done.returncode}, oom kills {oom}: {last_line}", "oom_kills": oom}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result.update(oom_kills=oom, peak_bytes=peak)
     return result
