@@ -14,9 +14,9 @@ import numpy as np
 
 from .expert_graph import build_expert_graph
 from .sessions import SessionFactory
+from .stats import ExpertStats
 
 IN_MEMORY = "in-memory.data"  # where a prepared graph's initializers claim to be: never read
-from .stats import ExpertStats
 
 
 class Experts(Protocol):

@@ -26,7 +26,7 @@ from .stats import ExpertStats, PagingStats
 from .storage import ExpertFiles
 
 READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants several in flight)
-# A read ahead of a prepared expert holds its session (2.75x its bytes, see ExpertKernel.prepare)
+# A read ahead of a prepared expert holds its session (see experts.cached_expert_bytes)
 # and creating it is CPU work, which the cores bound rather than the storage queue.
 PREPARED_READS_AHEAD = 2
 # A draft's lookahead outranks every utility: the verify pass will route to these experts. Once

@@ -75,6 +75,18 @@ class SessionFactory:
             options.add_session_config_entry("session.force_spinning_stop", "1")
         return options
 
+    def _options_with(self, initializers: dict) -> tuple[ort.SessionOptions, tuple]:
+        """Options of their own (external initializers belong to one session) that give the graph
+        `initializers`, and what must outlive the session: the arrays and their OrtValues."""
+        options = self._new_options()
+        # Without an arena a run's workspace is freed when it ends: MatMulNBits on a batch (a
+        # prefill, a verify pass) dequantizes into one, which an arena would keep per session.
+        options.enable_cpu_mem_arena = False
+        arrays = [np.ascontiguousarray(value) for value in initializers.values()]
+        values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+        options.add_external_initializers(list(initializers), values)
+        return options, (arrays, values)
+
     def create(self, model: str | os.PathLike | bytes, provider: str = "cpu",
                initializers: dict | None = None) -> ort.InferenceSession:
         """A session for a model file, or for a serialized model (bytes). `initializers` (name ->
@@ -84,17 +96,9 @@ class SessionFactory:
         if provider != "cpu":
             providers.append((PROVIDERS["cpu"], {}))
         source = model if isinstance(model, bytes) else str(model)
-        options = self.options
-        if initializers:
-            options = self._new_options()  # external initializers belong to one session's options
-            # Without an arena a run's workspace is freed when it ends: MatMulNBits on a batch
-            # (a prefill, a verify pass) dequantizes into one, which an arena would keep per session.
-            options.enable_cpu_mem_arena = False
-            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in initializers.values()]
-            options.add_external_initializers(list(initializers), values)
+        options, kept = self._options_with(initializers) if initializers else (self.options, None)
         session = ort.InferenceSession(source, options, providers=providers)
-        if initializers:
-            session.spac_initializers = (initializers, values)
+        session.spac_initializers = kept  # ORT reads them in place for the session's lifetime
         if PROVIDERS[provider] not in session.get_providers():
             name = "an in-memory graph" if isinstance(model, bytes) else model
             raise ProviderUnavailable(f"{PROVIDERS[provider]} could not be used for {name}")
