@@ -27,6 +27,7 @@ from .quantization import CONTRIB_DOMAIN, BlockQuantization
 
 OPSET = 20
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
+IN_MEMORY = "in-memory.data"  # where the initializers of a graph given its weights from memory claim to be: never read
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "uint8": TensorProto.UINT8}
 
 
@@ -122,7 +123,7 @@ def build_expert_graph(spec: dict, hidden: int, intermediate: int, dtype: str, d
     if data_file is None:
         inputs += [helper.make_tensor_value_info(t.name, ONNX_TYPES[t.dtype], list(t.shape)) for t in tensors]
     else:
-        constants += [_external_tensor(t, data_file) for t in tensors]
+        constants += [external_tensor(t, data_file) for t in tensors]
     output = helper.make_tensor_value_info("y", onnx_dtype, ["tokens", hidden])
     graph = helper.make_graph(nodes, f"expert_{variant}", inputs, [output], initializer=constants)
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(CONTRIB_DOMAIN, 1)] if quantization else [])
@@ -131,7 +132,8 @@ def build_expert_graph(spec: dict, hidden: int, intermediate: int, dtype: str, d
     return model
 
 
-def _external_tensor(tensor: ExpertTensor, data_file: str) -> TensorProto:
+def external_tensor(tensor: ExpertTensor, data_file: str) -> TensorProto:
+    """An initializer whose bytes lie in `data_file` (IN_MEMORY: given to the session from memory)."""
     proto = TensorProto(name=tensor.name, data_type=ONNX_TYPES[tensor.dtype], dims=list(tensor.shape))
     proto.data_location = TensorProto.EXTERNAL
     for key, value in (("location", data_file), ("offset", str(tensor.offset)), ("length", str(tensor.nbytes))):

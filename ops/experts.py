@@ -12,11 +12,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .expert_graph import build_expert_graph
+from . import fused_experts
+from .expert_graph import IN_MEMORY, build_expert_graph
 from .sessions import SessionFactory
 from .stats import ExpertStats
-
-IN_MEMORY = "in-memory.data"  # where a prepared graph's initializers claim to be: never read
+from .storage import ExpertFiles
 
 
 class Experts(Protocol):
@@ -88,17 +88,26 @@ class ResidentExperts:
 
     def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", preload: bool = True,
                  progress=None):
-        """`progress(n)` is told of each opened session (a big model has thousands)."""
+        """`progress(n)` is told of each expert loaded (a big model has thousands)."""
         self.manifest, self.factory, self.provider = manifest, sessions, provider
         self.policy = "resident"
         self.stats = ExpertStats()
         self.sessions = {}
-        if preload:
-            for layer in manifest.target.moe_layers:
-                for expert in range(manifest.target.dims["num_experts"]):
-                    self.sessions[layer, expert] = self._open(layer, expert)
-                    if progress:
-                        progress(1)
+        self.fused = {}  # layer -> FusedLayerExperts: block-quantized experts on the CPU, where QMoE runs
+        if not preload:
+            return
+        experts = manifest.target.dims["num_experts"]
+        fuse = provider == "cpu" and fused_experts.fusable(manifest, sessions)
+        files = ExpertFiles(manifest) if fuse else None
+        for layer in manifest.target.moe_layers:
+            if fuse:
+                self.fused[layer] = fused_experts.FusedLayerExperts(
+                    manifest, sessions, lambda expert: files.read(layer, expert), progress)
+                continue
+            for expert in range(experts):
+                self.sessions[layer, expert] = self._open(layer, expert)
+                if progress:
+                    progress(1)
 
     def _open(self, layer: int, expert: int):
         return self.factory.create(self.manifest.root / self.manifest.target.experts.path(layer, expert, ".onnx"),
@@ -126,6 +135,8 @@ class ResidentExperts:
         return out
 
     def run_resident(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        if layer in self.fused:
+            return self.fused[layer].run(x, topk_ids, topk_weights)
         if len(x) == 1:
             return self._run_one_token(layer, x, topk_ids[0], topk_weights[0])
         return weighted_sum(x, topk_ids, topk_weights,

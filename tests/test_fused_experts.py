@@ -1,0 +1,74 @@
+"""Resident block-quantized experts run as one QMoE session per layer (spac.ops.fused_experts):
+the same sums as a session per expert, for every row count, routing and empty slot, for the
+plain and GPT-OSS (biased, clamped) SwiGLU, int4 and int8, symmetric and not; and where ONNX
+Runtime cannot run QMoE, the stack falls back to a session per expert."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spac import Runtime
+from spac.ops import fused_experts
+from spac.ops.experts import ResidentExperts
+from spac.ops.sessions import SessionFactory
+from spac.runtime.manifest import load_manifest
+
+CASES = [("qwen3_moe", {"experts": "int4"}), ("qwen3_moe", {"experts": "int8", "symmetric": True}),
+         ("gpt_oss", {"experts": "int4"})]
+
+
+def routing(rng, rows: int, num_experts: int, top_k: int):
+    ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(rows)])
+    weights = rng.random((rows, top_k)).astype(np.float32)
+    return ids, weights
+
+
+@pytest.mark.parametrize("family,options", CASES, ids=[f"{f}-{'-'.join(map(str, o.values()))}" for f, o in CASES])
+def test_a_fused_layer_sums_what_a_session_per_expert_does(exported, family, options):
+    manifest = load_manifest(exported(family, **options).output)
+    sessions = SessionFactory(2)
+    fused = ResidentExperts(manifest, sessions)
+    assert fused.fused and not fused.sessions  # no session per expert beside the layers
+    per_expert = ResidentExperts(manifest, sessions, preload=False)
+    dims = manifest.target.dims
+    rng = np.random.default_rng(0)
+    for layer in manifest.target.moe_layers:
+        for rows in (1, 6):
+            x = rng.standard_normal((rows, dims["hidden_size"])).astype(np.float32)
+            ids, weights = routing(rng, rows, dims["num_experts"], dims["top_k"])
+            if rows > 1:
+                ids[1, 0] = -1  # a self-draft's empty slot adds nothing
+            expected = per_expert.run_resident(layer, x, ids, weights)
+            got = fused.run_resident(layer, x, ids, weights)
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
+
+
+def test_a_package_runs_with_a_session_per_expert_where_qmoe_cannot_run(exported, monkeypatch):
+    """ONNX Runtime before 1.23 has no CPU QMoE: the probe fails and the stack opens a session per
+    expert, with the same tokens (to rounding: the greedy ids here)."""
+    package = exported("qwen3_moe", experts="int4").output
+    prompt = list(range(3, 19))
+    with Runtime(package, draft="none") as runtime:
+        assert runtime.experts.fused
+        expected = runtime.generate(prompt, max_new_tokens=16).token_ids
+    create = SessionFactory.create
+
+    def refuse_qmoe(self, model, *args, **kwargs):
+        if isinstance(model, bytes) and b"QMoE" in model:
+            raise RuntimeError("Could not find an implementation for QMoE(1) node with name ''")
+        return create(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(SessionFactory, "create", refuse_qmoe)
+    monkeypatch.setattr(fused_experts, "_available", {})
+    with Runtime(package, draft="none") as runtime:
+        assert not runtime.experts.fused and runtime.experts.sessions
+        assert runtime.generate(prompt, max_new_tokens=16).token_ids == expected
+
+
+def test_float_experts_keep_a_session_each(exported):
+    manifest = load_manifest(exported("qwen3_moe").output)
+    assert not fused_experts.fusable(manifest, SessionFactory(1))
+    experts = ResidentExperts(manifest, SessionFactory(1))
+    assert not experts.fused and len(experts.sessions) == len(manifest.target.moe_layers) * manifest.target.dims["num_experts"]
