@@ -131,8 +131,21 @@ class ResidentExperts:
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
             router_logits: np.ndarray | None = None) -> np.ndarray:
         out = self.run_resident(layer, x, topk_ids, topk_weights)
-        self._count(topk_ids.shape[1] if len(x) == 1 else len(np.unique(topk_ids)), topk_ids.size)
+        self.count(topk_ids)
         return out
+
+    def take_fused(self, layer: int):
+        """The layer's FusedLayerExperts, or None, for the caller to join to the layer's trunk
+        graph: this stack then runs that layer from a session per expert, opened as they are
+        routed to (a self-draft over a resident stack computes what the target does, so the
+        joined graph serves it too)."""
+        return self.fused.pop(layer, None)
+
+    def count(self, topk_ids: np.ndarray) -> None:
+        """Counts a layer's expert calls (run() calls it; a trunk graph joined to the experts has
+        its caller call it)."""
+        self.stats.calls[self.provider] += topk_ids.shape[1] if len(topk_ids) == 1 else len(np.unique(topk_ids))
+        self.stats.tokens[self.provider] += topk_ids.size
 
     def run_resident(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
         if layer in self.fused:
@@ -155,10 +168,6 @@ class ResidentExperts:
 
     def _session(self, layer: int, expert: int):
         return self.sessions.get((layer, expert)) or self._open(layer, expert)
-
-    def _count(self, calls: int, tokens: int) -> None:
-        self.stats.calls[self.provider] += calls
-        self.stats.tokens[self.provider] += tokens
 
 
 # A prepared expert (ExpertKernel.prepare) is a session holding the block-quantized weights and

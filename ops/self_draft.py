@@ -73,6 +73,11 @@ class SelfDraftExperts:
         best = best[np.isfinite(candidates[best])]
         ids[empty[:len(best)]] = best
 
+    def count(self, topk_ids: np.ndarray) -> None:
+        """A layer's routing that ran in a trunk graph joined to the target's resident experts
+        (spac.runtime.model.ModelRunner.join_experts): every expert was held, none substituted."""
+        self.stats.routed += topk_ids.size
+
     def resident(self, layer: int) -> set[int]:
         return self.target.resident(layer)
 

@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from spac.ops.expert_graph import DTYPES
 from spac.ops.sessions import SessionFactory
@@ -48,6 +49,23 @@ class ModelRunner:
         self.next_moe = {here: later for here, later in zip(moe, moe[1:])}  # for the layer lookahead
         self.kv = KVCache()
         self.reset()
+        self.joined: set[int] = set()  # MoE layers whose trunk graph runs their experts too (join_experts)
+        self.root, self.sessions, self.provider = root, sessions, provider
+
+    def join_experts(self) -> int:
+        """Joins each MoE layer's trunk graph to its experts where the stack offers them as one
+        graph (resident block-quantized experts on the CPU, spac.ops.fused_experts): one session
+        run a layer instead of two, and the trunk's session is dropped. Post-norm layers keep
+        theirs. Returns how many layers were joined."""
+        take = getattr(self.experts, "take_fused", None)
+        for index, layer in enumerate(self.section.layers):
+            fused = take(layer.index) if take and layer.kind == "moe" and not layer.post_experts else None
+            if fused is not None:
+                model = fused.joined_to(onnx.load(self.root / layer.file))
+                self.layers[index] = self.sessions.create(model.SerializeToString(), self.provider,
+                                                          initializers=fused.weights)
+                self.joined.add(layer.index)
+        return len(self.joined)
 
     def twin(self, experts) -> "ModelRunner":
         """This model with `experts` as its routed experts, sharing its sessions and KV cache."""
@@ -86,6 +104,11 @@ class ModelRunner:
             feeds = {"hidden": hidden, "rope_cos": cos, "rope_sin": sin, "past_first": past_first, "past_second": past_second}
             if layer.kind == "dense":
                 hidden, *present = session.run(None, feeds)
+            elif layer.index in self.joined:
+                hidden, topk_ids, *present = session.run(None, feeds)
+                if self.on_routing:
+                    self.on_routing(layer.index, topk_ids)
+                self.experts.count(topk_ids)
             else:
                 if anticipate:  # its reads start while its attention runs
                     anticipate(layer.index, hidden[0], 0)

@@ -150,6 +150,7 @@ class Runtime:
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
                                 direct_io=direct_io, layer_lookahead=layer_lookahead)
         self.experts = self.target.experts = build_experts(self.manifest, self.profile, self.sessions, options)
+        self.target.join_experts()
         # A Runtime dropped without close() stops its reader and prefetch threads all the same.
         self._finalizer = weakref.finalize(self, self.experts.close)
         if self.draft_mode == "self":  # the target's twin over the experts it holds: no sessions or KV of its own

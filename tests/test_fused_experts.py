@@ -1,7 +1,9 @@
 """Resident block-quantized experts run as one QMoE session per layer (spac.ops.fused_experts):
 the same sums as a session per expert, for every row count, routing and empty slot, for the
-plain and GPT-OSS (biased, clamped) SwiGLU, int4 and int8, symmetric and not; and where ONNX
-Runtime cannot run QMoE, the stack falls back to a session per expert."""
+plain and GPT-OSS (biased, clamped) SwiGLU, int4 and int8, symmetric and not. Joined to their
+layer's trunk graph (ModelRunner.join_experts) they give the logits, routing and stats of the
+two graphs run apart; post-norm layers are not joined. Where ONNX Runtime cannot run QMoE, the
+stack falls back to a session per expert."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from spac.ops import fused_experts
 from spac.ops.experts import ResidentExperts
 from spac.ops.sessions import SessionFactory
 from spac.runtime.manifest import load_manifest
+from spac.runtime.model import ModelRunner
 
 CASES = [("qwen3_moe", {"experts": "int4"}), ("qwen3_moe", {"experts": "int8", "symmetric": True}),
          ("gpt_oss", {"experts": "int4"})]
@@ -45,13 +48,36 @@ def test_a_fused_layer_sums_what_a_session_per_expert_does(exported, family, opt
             np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "flex_olmo"])
+def test_a_joined_layer_computes_what_its_trunk_and_experts_do_apart(exported, family):
+    manifest = load_manifest(exported(family, experts="int4").output)
+    sessions = SessionFactory(2)
+    runners, routing = {}, {}
+    for name in ("joined", "apart"):
+        runner = ModelRunner(manifest, manifest.target, sessions, ResidentExperts(manifest, sessions))
+        routing[name] = []
+        runner.on_routing = lambda layer, ids, seen=routing[name]: seen.append((layer, ids.tolist()))
+        runners[name] = runner
+    joined = runners["joined"].join_experts()
+    post_norm = any(layer.post_experts for layer in manifest.target.layers)
+    assert joined == (0 if post_norm else len(manifest.target.moe_layers))
+    assert runners["joined"].joined == (set() if post_norm else set(manifest.target.moe_layers))
+    prompt = np.random.default_rng(2).integers(0, manifest.target.dims["vocab_size"], 12).tolist()
+    for tokens in (prompt, [5], [9], [4]):  # a prefill, then decode steps
+        expected = runners["apart"].forward(tokens)
+        got = runners["joined"].forward(tokens)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert routing["joined"] == routing["apart"] and routing["apart"]
+    assert runners["joined"].experts.stats.calls == runners["apart"].experts.stats.calls
+
+
 def test_a_package_runs_with_a_session_per_expert_where_qmoe_cannot_run(exported, monkeypatch):
     """ONNX Runtime before 1.23 has no CPU QMoE: the probe fails and the stack opens a session per
     expert, with the same tokens (to rounding: the greedy ids here)."""
     package = exported("qwen3_moe", experts="int4").output
     prompt = list(range(3, 19))
     with Runtime(package, draft="none") as runtime:
-        assert runtime.experts.fused
+        assert runtime.target.joined == set(runtime.manifest.target.moe_layers)
         expected = runtime.generate(prompt, max_new_tokens=16).token_ids
     create = SessionFactory.create
 
@@ -63,7 +89,7 @@ def test_a_package_runs_with_a_session_per_expert_where_qmoe_cannot_run(exported
     monkeypatch.setattr(SessionFactory, "create", refuse_qmoe)
     monkeypatch.setattr(fused_experts, "_available", {})
     with Runtime(package, draft="none") as runtime:
-        assert not runtime.experts.fused and runtime.experts.sessions
+        assert not runtime.target.joined and not runtime.experts.fused and runtime.experts.sessions
         assert runtime.generate(prompt, max_new_tokens=16).token_ids == expected
 
 
