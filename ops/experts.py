@@ -87,8 +87,10 @@ class ResidentExperts:
     second copy of every expert."""
 
     def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", preload: bool = True,
-                 progress=None):
-        """`progress(n)` is told of each expert loaded (a big model has thousands)."""
+                 progress=None, fuse: bool = True):
+        """`progress(n)` is told of each expert loaded (a big model has thousands). `fuse`: block-
+        quantized experts on the CPU run as a QMoE session per layer where ONNX Runtime can
+        (spac.ops.fused_experts; they then take PREPARED_BYTES_FACTOR x their bytes, not 1.5x)."""
         self.manifest, self.factory, self.provider = manifest, sessions, provider
         self.policy = "resident"
         self.stats = ExpertStats()
@@ -97,7 +99,7 @@ class ResidentExperts:
         if not preload:
             return
         experts = manifest.target.dims["num_experts"]
-        fuse = provider == "cpu" and fused_experts.fusable(manifest, sessions)
+        fuse = fuse and provider == "cpu" and fused_experts.fusable(manifest, sessions)
         files = ExpertFiles(manifest) if fuse else None
         for layer in manifest.target.moe_layers:
             if fuse:
