@@ -12,19 +12,36 @@ import pytest
 
 from spac import Runtime
 from spac.ops import fused_experts
+from spac.export.quantize import dequantize
+from spac.ops.expert_graph import DTYPES
 from spac.ops.experts import ResidentExperts
+from spac.ops.quantization import PARTS
 from spac.ops.sessions import SessionFactory
+from spac.ops.storage import ExpertFiles
 from spac.runtime.manifest import load_manifest
 from spac.runtime.model import ModelRunner
 
 CASES = [("qwen3_moe", {"experts": "int4"}), ("qwen3_moe", {"experts": "int8", "symmetric": True}),
-         ("gpt_oss", {"experts": "int4"})]
+         ("gpt_oss", {"experts": "int4"}), ("qwen3_moe", {"experts": "int4", "dtype": "float16"})]
 
 
 def routing(rng, rows: int, num_experts: int, top_k: int):
     ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(rows)])
     weights = rng.random((rows, top_k)).astype(np.float32)
     return ids, weights
+
+
+def exact_sum(manifest, layer: int, x, ids, weights) -> np.ndarray:
+    """The routed experts' weighted sum in float64 from the dequantized weights (plain SwiGLU)."""
+    files, quantization = ExpertFiles(manifest), manifest.target.experts.quantization
+    out = np.zeros(x.shape, np.float64)
+    for row, slot in zip(*np.nonzero(ids >= 0)):
+        tensors = files.read(layer, int(ids[row, slot]))
+        gate_up, down = (dequantize({part: tensors[f"{name}.{part}"] for part in PARTS if f"{name}.{part}" in tensors},
+                                    quantization).astype(np.float64) for name in ("w_gate_up", "w_down"))
+        gate, up = np.split(x[row].astype(np.float64) @ gate_up, 2)
+        out[row] += weights[row, slot] * ((gate / (1 + np.exp(-gate)) * up) @ down)
+    return out
 
 
 @pytest.mark.parametrize("family,options", CASES, ids=[f"{f}-{'-'.join(map(str, o.values()))}" for f, o in CASES])
@@ -38,14 +55,20 @@ def test_a_fused_layer_sums_what_a_session_per_expert_does(exported, family, opt
     rng = np.random.default_rng(0)
     for layer in manifest.target.moe_layers:
         for rows in (1, 6):
-            x = rng.standard_normal((rows, dims["hidden_size"])).astype(np.float32)
+            x = rng.standard_normal((rows, dims["hidden_size"])).astype(DTYPES[manifest.dtype][0])
             ids, weights = routing(rng, rows, dims["num_experts"], dims["top_k"])
+            weights = weights.astype(x.dtype)
             if rows > 1:
                 ids[1, 0] = -1  # a self-draft's empty slot adds nothing
             expected = per_expert.run_resident(layer, x, ids, weights)
             got = fused.run_resident(layer, x, ids, weights)
             assert got.shape == expected.shape
-            np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
+            if x.dtype == np.float32:
+                np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
+            else:  # float16 rounds each path its own way: both against float64 arithmetic instead
+                exact = exact_sum(manifest, layer, x, ids, weights)
+                fused_error, apart_error = (np.abs(y.astype(np.float64) - exact).max() for y in (got, expected))
+                assert fused_error <= 1.5 * apart_error, (fused_error, apart_error)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "flex_olmo"])
