@@ -27,7 +27,6 @@ from .quantization import CONTRIB_DOMAIN, BlockQuantization
 
 OPSET = 20
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
-IN_MEMORY = "in-memory.data"  # where the initializers of a graph given its weights from memory claim to be: never read
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "uint8": TensorProto.UINT8}
 
 
@@ -133,7 +132,7 @@ def build_expert_graph(spec: dict, hidden: int, intermediate: int, dtype: str, d
 
 
 def external_tensor(tensor: ExpertTensor, data_file: str) -> TensorProto:
-    """An initializer whose bytes lie in `data_file` (IN_MEMORY: given to the session from memory)."""
+    """An initializer whose bytes lie in `data_file` (sessions.IN_MEMORY: given from memory)."""
     proto = TensorProto(name=tensor.name, data_type=ONNX_TYPES[tensor.dtype], dims=list(tensor.shape))
     proto.data_location = TensorProto.EXTERNAL
     for key, value in (("location", data_file), ("offset", str(tensor.offset)), ("length", str(tensor.nbytes))):

@@ -8,13 +8,14 @@ Sessions are created once (at load), never on the hot path: session creation cos
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from . import fused_experts
-from .expert_graph import IN_MEMORY, build_expert_graph
-from .sessions import SessionFactory
+from .expert_graph import build_expert_graph
+from .sessions import COPIES_IN_MEMORY_FILES, IN_MEMORY, SessionFactory
 from .stats import ExpertStats
 from .storage import ExpertFiles
 
@@ -87,10 +88,10 @@ class ResidentExperts:
     second copy of every expert."""
 
     def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", preload: bool = True,
-                 progress=None, fuse: bool = True):
-        """`progress(n)` is told of each expert loaded (a big model has thousands). `fuse`: block-
-        quantized experts on the CPU run as a QMoE session per layer where ONNX Runtime can
-        (spac.ops.fused_experts; they then take PREPARED_BYTES_FACTOR x their bytes, not 1.5x)."""
+                 progress=None):
+        """`progress(n)` is told of each expert loaded (a big model has thousands). Block-quantized
+        experts on the CPU run as a QMoE session per layer where ONNX Runtime can
+        (spac.ops.fused_experts)."""
         self.manifest, self.factory, self.provider = manifest, sessions, provider
         self.policy = "resident"
         self.stats = ExpertStats()
@@ -99,7 +100,7 @@ class ResidentExperts:
         if not preload:
             return
         experts = manifest.target.dims["num_experts"]
-        fuse = fuse and provider == "cpu" and fused_experts.fusable(manifest, sessions)
+        fuse = provider == "cpu" and fused_experts.fusable(manifest, sessions)
         files = ExpertFiles(manifest) if fuse else None
         for layer in manifest.target.moe_layers:
             if fuse:
@@ -172,11 +173,16 @@ class ResidentExperts:
         return self.sessions.get((layer, expert)) or self._open(layer, expert)
 
 
-# A prepared expert (ExpertKernel.prepare) is a session holding the block-quantized weights and
-# MLAS's prepacked copy of them: 2.35-2.67x the expert's bytes plus 0.2 MB a session, measured
-# as the resident-set growth over 7 sessions (ONNX Runtime 1.32, int4 and int8, 8-18 MB
-# experts). A memory limit counts them at the high end; the limit's margin absorbs the rest.
-PREPARED_BYTES_FACTOR = 2.75
+# A prepared expert (ExpertKernel.prepare) is a session holding MLAS's prepacked copy of the
+# block-quantized weights and, where ONNX Runtime cannot copy them (before 1.29, see
+# sessions.COPIES_IN_MEMORY_FILES), the weights too. Measured as the resident-set growth over 7
+# sessions (ONNX Runtime 1.32, int4 and int8, 8-18 MB experts): FACTOR_COPIED x the expert's
+# bytes when copied, FACTOR_KEPT when kept, plus 0.2 MB a session. A memory limit counts them at
+# the high end; the limit's margin absorbs the rest. Creating one session holds, for a moment,
+# the read bytes and ORT's copy of them beside it (PREPARING_BYTES_FACTOR).
+FACTOR_COPIED, FACTOR_KEPT = 1.8, 2.75
+PREPARED_BYTES_FACTOR = FACTOR_COPIED if COPIES_IN_MEMORY_FILES else FACTOR_KEPT
+PREPARING_BYTES_FACTOR = 2.0 if COPIES_IN_MEMORY_FILES else 0.0
 PREPARED_SESSION_BYTES = 1 << 18
 
 
@@ -190,6 +196,12 @@ def cached_expert_bytes(manifest, prepared: bool) -> int:
     """The memory one paged expert takes while held: its weights, or its prepared session."""
     stored = manifest.target.experts.bytes_per_expert
     return int(PREPARED_BYTES_FACTOR * stored) + PREPARED_SESSION_BYTES if prepared else stored
+
+
+def preparing_bytes(manifest, prepared: bool) -> int:
+    """What creating one prepared session holds beyond it, for a moment (ExpertKernel.prepare
+    creates one at a time)."""
+    return int(PREPARING_BYTES_FACTOR * manifest.target.experts.bytes_per_expert) if prepared else 0
 
 
 class ExpertKernel:
@@ -211,6 +223,7 @@ class ExpertKernel:
         graph = build_expert_graph(experts.spec, dims["hidden_size"], dims["expert_intermediate_size"],
                                    manifest.dtype, data_file=None, quantization=experts.quantization)
         self.provider, self.factory = provider, sessions
+        self.preparing = threading.Lock()
         self.session = sessions.create(graph.SerializeToString(), provider)
         # The graph of a prepared expert: the weights are initializers, given from memory.
         self.prepared_graph = (build_expert_graph(experts.spec, dims["hidden_size"], dims["expert_intermediate_size"],
@@ -231,7 +244,8 @@ class ExpertKernel:
         the CPU a session holding them as (prepacked) initializers."""
         if self.prepared_graph is None:
             return weights
-        return self.factory.create(self.prepared_graph, self.provider, initializers=weights)
+        with self.preparing:  # one at a time: its moment of ORT's copy is counted once (PREPARING_BYTES_FACTOR)
+            return self.factory.create(self.prepared_graph, self.provider, initializers=weights)
 
     def run(self, x: np.ndarray, weights) -> np.ndarray:
         """The expert on x, from its weights or what `prepare` made of them."""

@@ -15,10 +15,12 @@ one session run instead of two, the routing scattered into QMoE's inputs inside 
 more (268 against 234 tok/s, same shape and process). A post-norm layer, whose experts feed a
 graph of their own, runs its QMoE session apart.
 
-Memory: initializers given from memory stay the caller's, so the stacked arrays live beside
-QMoE's prepacked copy: 2.5x the stored bytes for int4 (621 MB for 246 MB of experts) against
-1.5x for sessions per expert, which drop the file's bytes once prepacked. A memory limit counts
-a resident expert at 2.75x (spac.ops.experts.cached_expert_bytes), so the plan holds either.
+Memory: the stacked layer is one buffer that ONNX Runtime copies (spac.ops.sessions.
+COPIES_IN_MEMORY_FILES) and frees once prepacked; the buffer goes with this object. Resident
+int4 experts then take 548 MB of RSS for 246 MB stored, against 489 MB as a session per expert
+(bench_runtime.py's shape, after load). An ORT that kept the caller's arrays would hold them
+beside its prepacked copy (621 MB for the experts alone), so the layers are used only where it
+copies (`fusable`).
 
 The routing is the trunk's, exactly: QMoE picks each row's top-k from `router_probs` (our ids
 get k, k-1, ..., 1 and every other expert 0) and sums with `router_weights` (our weights at our
@@ -41,9 +43,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .expert_graph import DTYPES, IN_MEMORY, OPSET, ExpertTensor, expert_tensors, external_tensor
+from .expert_graph import DTYPES, OPSET, ExpertTensor, expert_tensors, external_tensor
 from .quantization import ACCURACY_LEVEL, CONTRIB_DOMAIN, BlockQuantization
-from .sessions import SessionFactory
+from .sessions import COPIES_IN_MEMORY_FILES, IN_MEMORY, SessionFactory
 
 log = logging.getLogger("spac")
 
@@ -80,9 +82,15 @@ def interleave_gate_up(rows: np.ndarray) -> np.ndarray:
 
 
 def stack_layer(read_expert, tensors, num_experts: int, progress=None) -> dict[str, np.ndarray]:
-    """A layer's experts as QMoE's stacked tensors; `read_expert(e)` gives expert e's tensors."""
-    stacked = {name: np.empty(shape, np.dtype(t.dtype)) for (name, shape), t
-               in zip(stacked_shapes(tensors, num_experts).items(), tensors)}
+    """A layer's experts as QMoE's stacked tensors, end to end in one buffer (which a session
+    then copies from at once: spac.ops.sessions.in_memory_file); `read_expert(e)` gives expert
+    e's tensors."""
+    shapes = {name: (shape, np.dtype(t.dtype)) for (name, shape), t in zip(stacked_shapes(tensors, num_experts).items(), tensors)}
+    buffer = bytearray(sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in shapes.values()))
+    stacked, offset = {}, 0
+    for name, (shape, dtype) in shapes.items():
+        stacked[name] = np.frombuffer(buffer, dtype, int(np.prod(shape)), offset).reshape(shape)
+        offset += stacked[name].nbytes
     for expert in range(num_experts):
         weights = read_expert(expert)
         for t in tensors:
@@ -108,8 +116,13 @@ def qmoe_node(spec: dict, top_k: int, quantization: BlockQuantization, weights, 
 
 
 def in_memory_initializers(weights: dict[str, np.ndarray]) -> list:
-    """Initializers that SessionFactory.create's `initializers` give from memory."""
-    return [external_tensor(ExpertTensor(name, w.shape, 0, 0, w.dtype.name), IN_MEMORY) for name, w in weights.items()]
+    """Initializers that SessionFactory.create's `initializers` give from memory: end to end in
+    IN_MEMORY, in the dict's order."""
+    tensors, offset = [], 0
+    for name, weight in weights.items():
+        tensors.append(external_tensor(ExpertTensor(name, weight.shape, offset, weight.nbytes, weight.dtype.name), IN_MEMORY))
+        offset += weight.nbytes
+    return tensors
 
 
 def qmoe_graph(spec: dict, hidden: int, num_experts: int, top_k: int, dtype: str, quantization: BlockQuantization,
@@ -152,6 +165,8 @@ class FusedLayerExperts:
         (joined_to) never runs it, and its prepacked copy of the weights is not made."""
         if self._session is None:
             self._session = self.sessions.create(self.graph.SerializeToString(), initializers=self.weights)
+            if self._session.spac_initializers is None:  # ORT copied them (sessions.COPIES_IN_MEMORY_FILES)
+                self.weights = None
         return self._session
 
     def run(self, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
@@ -232,6 +247,9 @@ def _runs_qmoe(sessions: SessionFactory, dtype: str, quantization: BlockQuantiza
 
 
 def fusable(manifest, sessions: SessionFactory) -> bool:
-    """Whether the package's experts can run as QMoE layers on the CPU here."""
+    """Whether the package's experts can run as QMoE layers on the CPU here: an ONNX Runtime
+    that runs QMoE and copies the stacked weights (else they would stay beside its prepacked
+    copy, 2.7x the stored bytes against 1.5x for a session per expert)."""
     quantization = manifest.target.experts.quantization
-    return quantization is not None and available(sessions, manifest.dtype, quantization)
+    return (quantization is not None and COPIES_IN_MEMORY_FILES
+            and available(sessions, manifest.dtype, quantization))

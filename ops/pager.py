@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .device_slots import DeviceSlots
-from .experts import ExpertKernel, cached_expert_bytes, group_by_expert, weighted_sum
+from .experts import ExpertKernel, cached_expert_bytes, group_by_expert, preparing_bytes, weighted_sum
 from .host_cache import HostCache, PassPosition
 from .prefetcher import Prefetcher
 from .read_pool import ReadPool, result
@@ -79,8 +79,10 @@ class PagedExperts:
     def read_buffers(manifest, prepared: bool) -> int:
         """The most experts in flight or held outside the cache at once: a layer's reads ahead,
         the one being computed, the prefetcher's; each as the kernel holds it (`prepared`: as a
-        session). A self-draft computes from the cache only and adds none."""
-        return (PagedExperts.misses_read_ahead(prepared) + 2) * cached_expert_bytes(manifest, prepared)
+        session), and the one session being created. A self-draft computes from the cache only
+        and adds none."""
+        in_flight = PagedExperts.misses_read_ahead(prepared) + 2
+        return in_flight * cached_expert_bytes(manifest, prepared) + preparing_bytes(manifest, prepared)
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats(paging=PagingStats())

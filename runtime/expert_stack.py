@@ -4,7 +4,6 @@ when there is one)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -12,17 +11,14 @@ from tqdm import tqdm
 from spac.ops.device_slots import DeviceSlots
 from spac.ops.direct_io import DirectReader
 from spac.ops.lookahead import Lookahead, load_routers
-from spac.ops.experts import ExpertKernel, Experts, PREPARED_BYTES_FACTOR, ResidentExperts
+from spac.ops.experts import ExpertKernel, Experts, ResidentExperts
 from spac.ops.pager import PagedExperts
 from spac.ops.sessions import SessionFactory
 
 from .balancer import Balancer
 from .estimator import make_estimator
 from .manifest import Manifest, verify_file
-from .memory import free_memory
 from .profile import Profile
-
-log = logging.getLogger("spac")
 
 
 @dataclass(frozen=True)
@@ -92,16 +88,5 @@ def _resident(manifest: Manifest, sessions: SessionFactory, provider: str) -> Re
     experts = len(manifest.target.moe_layers) * manifest.target.dims["num_experts"]
     # tqdm shows the bar on a terminal only (disable=None): logs and pipes stay clean.
     with tqdm(total=experts, desc="loading experts", unit="expert", disable=None, leave=False) as bar:
-        return ResidentExperts(manifest, sessions, provider, progress=bar.update, fuse=_fused_layers_fit(manifest))
+        return ResidentExperts(manifest, sessions, provider, progress=bar.update)
 
-
-def _fused_layers_fit(manifest: Manifest) -> bool:
-    """Whether the memory left holds resident experts as QMoE layers (spac.ops.fused_experts),
-    which keep a copy beside ORT's prepacked one: a session per expert takes less, runs slower."""
-    need = PREPARED_BYTES_FACTOR * manifest.expert_bytes_total()
-    room = free_memory()
-    if manifest.target.experts.quantization is None or room is None or need <= room:
-        return True
-    log.info("resident experts run a session each: as QMoE layers they would take %.0f MB, %.0f MB are free",
-             need / 1e6, room / 1e6)
-    return False

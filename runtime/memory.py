@@ -103,17 +103,6 @@ def resolve_limit(value) -> int:
     return value
 
 
-def free_memory() -> int | None:
-    """What this process can still take: MemAvailable, and under a cgroup limit what is left of
-    it; None where the system says neither."""
-    room = [available_memory()]
-    limit = cgroup_limit()
-    if limit is not None:
-        room.append(limit - resident_bytes())
-    room = [value for value in room if value is not None]
-    return min(room) if room else None
-
-
 def resident_bytes() -> int:
     """This process's resident set (anonymous and file pages it maps)."""
     for line in (_read(Path("/proc/self/status")) or "").splitlines():

@@ -116,22 +116,6 @@ def test_a_package_runs_with_a_session_per_expert_where_qmoe_cannot_run(exported
         assert runtime.generate(prompt, max_new_tokens=16).token_ids == expected
 
 
-def test_resident_experts_keep_a_session_each_where_the_free_memory_cannot_hold_qmoe_layers(exported, monkeypatch):
-    """QMoE layers keep a copy of the experts beside ORT's prepacked one; where the memory left
-    cannot hold that, the stack takes the leaner session per expert."""
-    from spac.runtime import expert_stack
-
-    package = exported("qwen3_moe", experts="int4").output
-    stored = load_manifest(package).expert_bytes_total()
-    monkeypatch.setattr(expert_stack, "free_memory", lambda: 2 * stored)  # 1.5x fits, 2.75x does not
-    with Runtime(package, draft="none") as runtime:
-        assert not runtime.target.joined and not runtime.experts.fused and runtime.experts.sessions
-        assert runtime.experts.policy == "resident"
-    monkeypatch.setattr(expert_stack, "free_memory", lambda: 4 * stored)
-    with Runtime(package, draft="none") as runtime:
-        assert runtime.target.joined
-
-
 def test_float_experts_keep_a_session_each(exported):
     manifest = load_manifest(exported("qwen3_moe").output)
     assert not fused_experts.fusable(manifest, SessionFactory(1))

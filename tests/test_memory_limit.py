@@ -171,3 +171,32 @@ def test_a_self_draft_is_planned_without_a_draft_models_kv_cache(exported):
     target_kv = kv_cache_bytes(manifest.target, context, itemsize)
     assert plans["self"].kv_cache == target_kv  # it writes into the target's own cache
     assert plans["model"].kv_cache == target_kv + kv_cache_bytes(manifest.draft, context, itemsize)
+
+
+def test_a_session_copies_the_weights_it_is_given_from_memory():
+    """Given from memory, a graph's initializers become the session's own: the caller's buffer
+    can change or go once the session exists (so a prepared expert or a QMoE layer does not keep
+    its weights twice). Before ONNX Runtime 1.29 the session keeps the caller's arrays instead."""
+    from onnx import TensorProto, helper
+
+    from spac.ops.expert_graph import ExpertTensor, external_tensor
+    from spac.ops.sessions import COPIES_IN_MEMORY_FILES, IN_MEMORY, SessionFactory
+
+    weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    tensors = [external_tensor(ExpertTensor("w", (2, 3), 0, 24, "float32"), IN_MEMORY),
+               external_tensor(ExpertTensor("b", (3,), 24, 12, "float32"), IN_MEMORY)]
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]).SerializeToString()
+    session = SessionFactory(1).create(model, initializers=weights)
+    x = np.zeros((2, 3), np.float32)
+    expected = weights["w"] + weights["b"]
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
+    if not COPIES_IN_MEMORY_FILES:
+        assert session.spac_initializers is not None
+        return
+    assert session.spac_initializers is None
+    for array in weights.values():
+        array[...] = -7  # the caller's buffer, overwritten: the session computes as before
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
