@@ -174,7 +174,7 @@ class ResidentExperts:
 
 
 # A prepared expert (ExpertKernel.prepare) is a session holding MLAS's prepacked copy of the
-# block-quantized weights and, where ONNX Runtime cannot copy them (before 1.29, see
+# block-quantized weights and, where ONNX Runtime cannot copy them (see
 # sessions.COPIES_IN_MEMORY_FILES), the weights too. Measured as the resident-set growth over 7
 # sessions (ONNX Runtime 1.32, int4 and int8, 8-18 MB experts): FACTOR_COPIED x the expert's
 # bytes when copied, FACTOR_KEPT when kept, plus 0.2 MB a session. A memory limit counts them at

@@ -20,11 +20,12 @@ log = logging.getLogger("spac")
 
 IN_MEMORY = "in-memory.data"  # the external data file of a graph whose weights come from memory: never read
 
-# ONNX Runtime >= 1.29 takes a graph's external data file from memory and copies what it needs,
-# so the session owns its weights: once MLAS has prepacked them, ORT frees its copy and the
-# caller frees the buffer. Older ones take external initializers only as arrays the caller
-# keeps for the session's life, beside the prepacked copy: a block-quantized expert then costs
-# 2.35-2.67x its bytes against 1.46x (measured RSS growth, ORT 1.32, int4, 18 MB experts).
+# A newer ONNX Runtime (1.32 here; the Python binding came in late 2025) takes a graph's external
+# data file from memory and copies what it needs, so the session owns its weights: once MLAS has
+# prepacked them, ORT frees its copy and the caller frees the buffer. Older ones take external
+# initializers only as arrays the caller keeps for the session's life, beside the prepacked
+# copy: a block-quantized expert then costs 2.35-2.67x its bytes against 1.40-1.44x (measured
+# RSS growth, ORT 1.32, int4 and int8, 2-18 MB experts).
 COPIES_IN_MEMORY_FILES = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")
 
 
@@ -119,14 +120,14 @@ class SessionFactory:
                initializers: dict | None = None) -> ort.InferenceSession:
         """A session for a model file, or for a serialized model (bytes). `initializers` (name ->
         host array) supply the graph's external initializers, which lie in IN_MEMORY end to end
-        in this order: ORT copies them, or (before 1.29) the session keeps the arrays alive."""
+        in this order: ORT copies them, or (an older ORT) the session keeps the arrays alive."""
         providers = [(PROVIDERS[provider], self.provider_options.get(provider, {}))]
         if provider != "cpu":
             providers.append((PROVIDERS["cpu"], {}))
         source = model if isinstance(model, bytes) else str(model)
         options, kept = self._options_with(initializers) if initializers else (self.options, None)
         session = ort.InferenceSession(source, options, providers=providers)
-        session.spac_initializers = kept  # (before 1.29) ORT reads them in place for the session's lifetime
+        session.spac_initializers = kept  # (an older ORT) reads them in place for the session's lifetime
         if PROVIDERS[provider] not in session.get_providers():
             name = "an in-memory graph" if isinstance(model, bytes) else model
             raise ProviderUnavailable(f"{PROVIDERS[provider]} could not be used for {name}")

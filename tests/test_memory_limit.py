@@ -176,7 +176,7 @@ def test_a_self_draft_is_planned_without_a_draft_models_kv_cache(exported):
 def test_a_session_copies_the_weights_it_is_given_from_memory():
     """Given from memory, a graph's initializers become the session's own: the caller's buffer
     can change or go once the session exists (so a prepared expert or a QMoE layer does not keep
-    its weights twice). Before ONNX Runtime 1.29 the session keeps the caller's arrays instead."""
+    its weights twice). An older ONNX Runtime (1.20) has the session keep the caller's arrays instead."""
     from onnx import TensorProto, helper
 
     from spac.ops.expert_graph import ExpertTensor, external_tensor
