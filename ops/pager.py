@@ -79,7 +79,7 @@ class PagedExperts:
     def read_buffers(manifest, prepared: bool) -> int:
         """The most experts in flight or held outside the cache at once: a layer's reads ahead,
         the one being computed, the prefetcher's; each as the kernel holds it (`prepared`: as a
-        session), and the one session being created. A self-draft computes from the cache only
+        session), and the sessions being created. A self-draft computes from the cache only
         and adds none."""
         in_flight = PagedExperts.misses_read_ahead(prepared) + 2
         return in_flight * cached_expert_bytes(manifest, prepared) + preparing_bytes(manifest, prepared)
