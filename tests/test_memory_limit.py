@@ -188,7 +188,7 @@ def test_a_session_copies_the_weights_it_is_given_from_memory():
     graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
                               "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], tensors)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]).SerializeToString()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9).SerializeToString()
     session = SessionFactory(1).create(model, initializers=weights)
     x = np.zeros((2, 3), np.float32)
     expected = weights["w"] + weights["b"]
