@@ -176,8 +176,9 @@ class ResidentExperts:
 # A prepared expert (ExpertKernel.prepare) is a session holding MLAS's prepacked copy of the
 # block-quantized weights and, where ONNX Runtime cannot copy them (see
 # sessions.COPIES_IN_MEMORY_FILES), the weights too. Measured as the resident-set growth over 7
-# sessions (ONNX Runtime 1.32, int4 and int8, 8-18 MB experts): FACTOR_COPIED x the expert's
-# bytes when copied, FACTOR_KEPT when kept, plus 0.2 MB a session. A memory limit counts them at
+# sessions (ONNX Runtime 1.32, int4 and int8, 1-18 MB experts): 1.40-1.44x the expert's bytes
+# when copied (FACTOR_COPIED counts more: 1 MB experts measured 1.7x), 2.35-2.67x when kept
+# (FACTOR_KEPT), plus 0.2 MB a session. A memory limit counts them at
 # the high end; the limit's margin absorbs the rest. Creating a session holds, for a moment,
 # the read bytes and ORT's copy of them beside it (PREPARING_BYTES_FACTOR); PREPARED_AT_ONCE
 # are created at a time: one at a time made paged int4 decode 15 % slower (its misses' preparing

@@ -214,7 +214,6 @@ class FusedLayerExperts:
         return model
 
 
-
 _available: dict[tuple, bool] = {}
 
 

@@ -89,4 +89,3 @@ def _resident(manifest: Manifest, sessions: SessionFactory, provider: str) -> Re
     # tqdm shows the bar on a terminal only (disable=None): logs and pipes stay clean.
     with tqdm(total=experts, desc="loading experts", unit="expert", disable=None, leave=False) as bar:
         return ResidentExperts(manifest, sessions, provider, progress=bar.update)
-
