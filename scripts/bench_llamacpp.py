@@ -49,7 +49,7 @@ def llama_cpp_tools(folder: Path | None) -> dict | None:
 
 def gguf_files(tools: dict, model_dir: Path, work: Path) -> dict[str, Path]:
     llama_cpp = tools["convert"].parent
-    f32 = convert_to_gguf(llama_cpp, model_dir, work / "model-f32.gguf")
+    f32 = convert_to_gguf(llama_cpp, model_dir, work)
     return {"float32": f32, "int4": quantize_gguf(llama_cpp, f32, LLAMA_TYPE_OF_BITS[4])}
 
 

@@ -231,7 +231,7 @@ def storage_bound(run: dict, expert_bytes: int, bandwidth: float, resident_secon
 
 def llama_gguf(args, work: Path, bits: int | None) -> Path:
     """The model as GGUF (cached in `work`): fp32, or llama.cpp's type of the package's expert bits."""
-    f32 = convert_to_gguf(args.llama_cpp, args.model, work / f"{args.model.name}-f32.gguf")
+    f32 = convert_to_gguf(args.llama_cpp, args.model, work)
     return f32 if bits is None else quantize_gguf(args.llama_cpp, f32, LLAMA_TYPE_OF_BITS[bits])
 
 

@@ -12,6 +12,7 @@ the default pre-tokenizer; the weights are converted as they are.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ LLAMA_TYPE_OF_BITS = {4: "Q4_0", 8: "Q8_0"}
 
 def quantize_gguf(llama_cpp: Path, f32: Path, llama_type: str) -> Path:
     """`f32` quantized by llama-quantize to `llama_type` beside it (kept if it exists; atomic)."""
-    out = f32.with_name(f32.name.replace("-f32", "").removesuffix(".gguf") + f"-{llama_type.lower()}.gguf")
+    out = f32.with_name(f32.name.removesuffix("-f32.gguf") + f"-{llama_type.lower()}.gguf")
     if out.exists():
         return out
     partial = out.with_name(out.name + ".partial")
@@ -54,9 +55,23 @@ def quantize_gguf(llama_cpp: Path, f32: Path, llama_type: str) -> Path:
     return out
 
 
-def convert_to_gguf(source_root: Path, model_dir: Path, gguf: Path, outtype: str = "f32") -> Path:
-    """`model_dir` as `gguf` (kept if it exists; written atomically), by the converter in the
-    llama.cpp source folder `source_root`."""
+def gguf_path(model_dir: Path, work: Path, outtype: str = "f32") -> Path:
+    """Where `model_dir`'s conversion is cached in `work`: named by a digest of the folder's
+    path and of its files' names, sizes and times, so that another model of the same folder name
+    (the testbeds are all small-moe), or the same folder remade, never reuses it."""
+    model_dir = Path(model_dir).resolve()
+    digest = hashlib.sha256(str(model_dir).encode())
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            info = path.stat()
+            digest.update(f"{path.name}:{info.st_size}:{info.st_mtime_ns};".encode())
+    return Path(work) / f"{model_dir.name}-{digest.hexdigest()[:12]}-{outtype}.gguf"
+
+
+def convert_to_gguf(source_root: Path, model_dir: Path, work: Path, outtype: str = "f32") -> Path:
+    """`model_dir` as GGUF in `work` (kept there, see gguf_path; written atomically), by the
+    converter in the llama.cpp source folder `source_root`."""
+    gguf = gguf_path(model_dir, work, outtype)
     if gguf.exists():
         return gguf
     partial = str(gguf) + ".partial"

@@ -3,6 +3,7 @@ small access strings) and the bound is the larger of the read time and the resid
 
 import functools
 import random
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,25 @@ def test_agreement_counts_tokens_up_to_the_first_difference():
     assert bench_memory.agreement(reference, reference) == 1.0
     assert bench_memory.agreement([[1, 2, 9, 4], [5]], reference) == 3 / 6  # a later match does not count
     assert bench_memory.agreement([[7], [8]], reference) == 0.0
+
+
+def test_a_cached_gguf_belongs_to_the_model_it_was_converted_from(tmp_path):
+    """Two testbeds share a folder name (small-moe): the conversion cached for one must not be
+    benchmarked as the other (a 7 GB model was once measured in place of a 1.2 GB one)."""
+    import gguf_convert
+
+    def model(folder: str, width: int) -> Path:
+        path = tmp_path / folder / "small-moe"
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(f'{{"moe_intermediate_size": {width}}}')
+        (path / "model.safetensors").write_bytes(b"x" * width)
+        return path
+
+    narrow, wide = model("testbed", 8192), model("testbed-wide", 49152)
+    work = tmp_path / "work"
+    assert gguf_convert.gguf_path(narrow, work) != gguf_convert.gguf_path(wide, work)
+    assert gguf_convert.gguf_path(narrow, work) == gguf_convert.gguf_path(narrow, work)
+    assert gguf_convert.gguf_path(narrow, work).parent == work
+    before = gguf_convert.gguf_path(narrow, work)
+    (narrow / "model.safetensors").write_bytes(b"y" * 10)  # the model was remade
+    assert gguf_convert.gguf_path(narrow, work) != before
