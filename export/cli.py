@@ -21,7 +21,8 @@ trunk graphs (embedding, per-layer attention with explicit KV cache + router + s
 final norm + lm_head), one ONNX subgraph per routed expert with its weights in its own file
 (the paging unit), the draft's graphs, the tokenizer, and manifest.yaml with every file's sha256.
 Without --draft the package has no draft model: spac-run then decodes with the target alone or
-drafts with the target itself (spac-run --draft self).
+drafts with the target itself (spac-run --draft self), best from int4 copies of its experts
+(--draft-experts int4), which the runtime holds in memory while the full experts are paged.
 
 At the end the package is run with ONNX Runtime and compared with the transformers model
 (16-token prompt + 8 cached decode steps); the max abs logit difference is printed."""
@@ -38,7 +39,8 @@ folder holding them. Folders that killed exports left beside the output (.NAME.p
 
 examples:
   spac-export models/qwen3-moe --draft models/qwen3-draft -o packages/qwen3-moe
-  spac-export models/qwen3-moe -o packages/qwen3-moe-nodraft"""
+  spac-export models/qwen3-moe -o packages/qwen3-moe-nodraft
+  spac-export models/qwen3-moe --draft-experts int4 -o packages/qwen3-moe-selfdraft"""
 
 
 def parse_args(argv):
@@ -56,6 +58,11 @@ def parse_args(argv):
     parser.add_argument("--trunk", choices=["float", "int8", "int4"], default="float",
                         help="the same for the target's trunk matmuls (attention, shared experts, LM head; "
                              "routers stay float)")
+    parser.add_argument("--draft-experts", choices=["int8", "int4"], default=None,
+                        help="also write a copy of every routed expert so block-quantized (fewer bits than "
+                             "--experts), which `spac-run --draft self` holds in memory and drafts with: "
+                             "speculative decoding without a draft model, the output still the full model's "
+                             "(default: no copies)")
     parser.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32,
                         help="weights per quantization block along the input dimension; it must divide every "
                              "quantized weight's input dimension (default: 32)")
@@ -94,6 +101,10 @@ def summary(result) -> str:
         ("dtype", manifest["dtype"]),
         ("quantization", quantization_summary(experts.get("quantization"), target.get("trunk_quantization"))),
     ]
+    copies = target.get("draft_experts")
+    if copies:
+        rows.insert(6, ("draft copies", f"{describe_quantization(copies['quantization'])}, "
+                                         f"{format_bytes(copies['bytes_per_expert'] * expert_files)}"))
     report = result.verification
     if report:
         draft_diff = report["draft_max_abs_diff"]
@@ -108,13 +119,14 @@ def summary(result) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def quantization_summary(experts: dict | None, trunk: dict | None) -> str:
-    def describe(q):
-        if q is None:
-            return "float"
-        return f"int{q['bits']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, blocks of {q['block_size']})"
+def describe_quantization(q: dict | None) -> str:
+    if q is None:
+        return "float"
+    return f"int{q['bits']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, blocks of {q['block_size']})"
 
-    return f"experts {describe(experts)}, trunk {describe(trunk)}"
+
+def quantization_summary(experts: dict | None, trunk: dict | None) -> str:
+    return f"experts {describe_quantization(experts)}, trunk {describe_quantization(trunk)}"
 
 
 def quiet_exporter_logs() -> None:
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
 
     options = ExportOptions(args.model, args.draft, args.output, args.dtype, args.force, args.verify,
                             progress=not args.quiet, experts=args.experts, trunk=args.trunk,
-                            block_size=args.block_size, symmetric=args.symmetric)
+                            block_size=args.block_size, symmetric=args.symmetric, draft_experts=args.draft_experts)
     try:
         with sigterm_as_exit():
             result = export_package(options, verify_fn=verify_package)

@@ -26,11 +26,12 @@ import yaml
 
 from spac.ops.expert_graph import build_expert_graph, expert_matrices, expert_tensors
 from spac.ops.quantization import BlockQuantization
-from spac.runtime.manifest import EXPERT_FILE_PATTERN, MANIFEST, PRODUCER, current_umask, write_package_manifest
+from spac.runtime.manifest import (DRAFT_EXPERT_FILE_PATTERN, EXPERT_FILE_PATTERN, MANIFEST, PRODUCER, current_umask,
+                                  write_package_manifest)
 
 from .checkpoint import StreamedModel, refuse_quantized
 from .families import ExportError, Family, family_for
-from .quantize import DEFAULT_BLOCK_SIZE, expert_arrays, fake_quantize_experts, fake_quantize_trunk, quantization_for
+from .quantize import DEFAULT_BLOCK_SIZE, KINDS, expert_arrays, fake_quantize_experts, fake_quantize_trunk, quantization_for
 from .trunk import export_trunk
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -51,6 +52,7 @@ class ExportOptions:
     trunk: str = "float"  # the same for the target's trunk matmuls
     block_size: int = DEFAULT_BLOCK_SIZE
     symmetric: bool = False
+    draft_experts: str | None = None  # "int4", "int8": also write a copy of every expert so quantized, to self-draft with
 
 
 @dataclass
@@ -226,36 +228,47 @@ def model_section(family: Family, model, trunk: dict, prefix: str) -> dict:
 
 
 def export_experts(family: Family, source: StreamedModel, root: Path, dtype: str, moe_layers: list[int], bar,
-                   quantization: BlockQuantization | None = None) -> dict:
+                   quantization: BlockQuantization | None = None,
+                   draft_quantization: BlockQuantization | None = None) -> tuple[dict, dict | None]:
     """One .onnx + .data pair per routed expert, each read from the checkpoint alone (and
     block-quantized with `quantization`) and written straight out, so memory holds one expert at
     a time. The graph is the same for every expert of a layer: built once per shape, it names
-    its own expert's .data file."""
+    its own expert's .data file. With `draft_quantization`, each expert read is also written so
+    quantized as its draft copy (what a self-draft holds). Returns the manifest's `experts` and
+    `draft_experts` entries (None without draft copies)."""
     config = source.config
     dims = family.moe_dims(config)
     spec = family.expert_spec(config)
     hidden, intermediate = config.hidden_size, dims["expert_intermediate_size"]
-    tensors = expert_tensors(spec["variant"], hidden, intermediate, dtype, quantization)
-    pattern = EXPERT_FILE_PATTERN
+    forms = {EXPERT_FILE_PATTERN: quantization}
+    if draft_quantization is not None:
+        forms[DRAFT_EXPERT_FILE_PATTERN] = draft_quantization
+    tensors = {pattern: expert_tensors(spec["variant"], hidden, intermediate, dtype, q) for pattern, q in forms.items()}
     for layer in moe_layers:
-        (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
+        for pattern in forms:
+            (root / pattern.format(layer=layer, expert=0)).parent.mkdir(parents=True)
         for expert in range(dims["num_experts"]):
-            base = root / pattern.format(layer=layer, expert=expert)
             with source.expert(layer, expert) as experts:
-                weights = expert_arrays(family.expert_weights(experts, 0), quantization)
-                with open(base.with_suffix(".data"), "wb") as out:
-                    for tensor in tensors:
-                        out.write(weights[tensor.name].astype(tensor.dtype, copy=False).tobytes())
-            graph = build_expert_graph(spec, hidden, intermediate, dtype, data_file=base.name + ".data",
-                                       quantization=quantization)
-            (base.with_suffix(".onnx")).write_bytes(graph.SerializeToString())
+                weights = family.expert_weights(experts, 0)
+                for pattern, q in forms.items():
+                    base = root / pattern.format(layer=layer, expert=expert)
+                    arrays = expert_arrays(weights, q)
+                    with open(base.with_suffix(".data"), "wb") as out:
+                        for tensor in tensors[pattern]:
+                            out.write(arrays[tensor.name].astype(tensor.dtype, copy=False).tobytes())
+                    graph = build_expert_graph(spec, hidden, intermediate, dtype, data_file=base.name + ".data",
+                                               quantization=q)
+                    base.with_suffix(".onnx").write_bytes(graph.SerializeToString())
             bar.update(1)
-    return {"spec": spec, "tensors": [t.manifest_entry() for t in tensors],
-            "bytes_per_expert": sum(t.nbytes for t in tensors), "file_pattern": pattern,
-            "quantization": quantization.as_dict() if quantization else None}
+    # Each entry its own mapping: a shared one would be written as a YAML alias
+    entries = {pattern: {"spec": dict(spec), "tensors": [t.manifest_entry() for t in tensors[pattern]],
+                         "bytes_per_expert": sum(t.nbytes for t in tensors[pattern]), "file_pattern": pattern,
+                         "quantization": q.as_dict() if q else None}
+               for pattern, q in forms.items()}
+    return entries[EXPERT_FILE_PATTERN], entries.get(DRAFT_EXPERT_FILE_PATTERN)
 
 
-def check_expert_blocks(family: Family, config, quantization: BlockQuantization | None) -> None:
+def check_expert_blocks(family: Family, config, quantization: BlockQuantization | None, flag: str) -> None:
     """Refuse, before anything is loaded, a block size that does not divide an expert weight's
     input dimension."""
     if quantization is None:
@@ -264,8 +277,16 @@ def check_expert_blocks(family: Family, config, quantization: BlockQuantization 
     for name, (k, n) in matrices.items():
         refusal = quantization.refusal(k)
         if refusal:
-            raise ExportError(f"--experts {quantization.name} --block-size {quantization.block_size}: the experts' "
+            raise ExportError(f"{flag} {quantization.name} --block-size {quantization.block_size}: the experts' "
                               f"{name} [{k}, {n}] cannot be quantized: {refusal} (valid block sizes divide {k})")
+
+
+def check_draft_copies(experts: BlockQuantization | None, copies: BlockQuantization | None) -> None:
+    """Draft copies are worth holding only in fewer bits than the experts themselves."""
+    if copies is not None and experts is not None and copies.bits >= experts.bits:
+        narrower = [kind for kind, bits in KINDS.items() if bits < experts.bits]
+        raise ExportError(f"--draft-experts {copies.name} is not narrower than --experts {experts.name}: draft copies "
+                          f"must take fewer bits than the experts (valid here: {', '.join(narrower) or 'none'})")
 
 
 def tokenizer_section(model_dir: Path, root: Path, model_config) -> dict:
@@ -321,6 +342,9 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
         raise ExportError(f"--dtype {options.dtype!r} is not supported; valid: {', '.join(TORCH_DTYPES)}")
     expert_quantization = quantization_for(options.experts, options.block_size, options.symmetric, "--experts")
     trunk_quantization = quantization_for(options.trunk, options.block_size, options.symmetric, "--trunk")
+    draft_quantization = quantization_for(options.draft_experts, options.block_size, options.symmetric,
+                                          "--draft-experts")
+    check_draft_copies(expert_quantization, draft_quantization)
     check_output(output, options.force, model_dir, draft_dir)
     config = read_config(model_dir, "model")
     family = family_for(config, draft=False)
@@ -328,7 +352,8 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
         draft_config = read_config(draft_dir, "draft")
         draft_family = family_for(draft_config, draft=True)
         check_vocabularies(model_dir, draft_dir, config, draft_config)
-    check_expert_blocks(family, config, expert_quantization)
+    check_expert_blocks(family, config, expert_quantization, "--experts")
+    check_expert_blocks(family, config, draft_quantization, "--draft-experts")
 
     removed = remove_stale_exports(output)
     if removed:
@@ -354,8 +379,11 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
                     (tmp / name).mkdir()
                     trunk = export_trunk(fam, source, tmp / name, lambda label: bar.update(1), quantization)
                     sections[name] = model_section(fam, source.model, trunk, name)
-                sections["target"]["experts"] = export_experts(family, model, tmp, options.dtype, moe_layers, bar,
-                                                               expert_quantization)
+                experts, copies = export_experts(family, model, tmp, options.dtype, moe_layers, bar,
+                                                 expert_quantization, draft_quantization)
+                sections["target"]["experts"] = experts
+                if copies is not None:
+                    sections["target"]["draft_experts"] = copies
                 sections["target"]["trunk_quantization"] = trunk_quantization.as_dict() if trunk_quantization else None
             tokenizer = tokenizer_section(model_dir, tmp, config)
             source_names = {"model": model_dir.resolve().name, "draft": draft_dir.resolve().name if draft_dir else None}

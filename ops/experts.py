@@ -88,10 +88,10 @@ class ResidentExperts:
     second copy of every expert."""
 
     def __init__(self, manifest, sessions: SessionFactory, provider: str = "cpu", preload: bool = True,
-                 progress=None):
+                 progress=None, fuse: bool = True):
         """`progress(n)` is told of each expert loaded (a big model has thousands). Block-quantized
         experts on the CPU run as a QMoE session per layer where ONNX Runtime can
-        (spac.ops.fused_experts)."""
+        (spac.ops.fused_experts), unless `fuse` is False."""
         self.manifest, self.factory, self.provider = manifest, sessions, provider
         self.policy = "resident"
         self.stats = ExpertStats()
@@ -100,7 +100,7 @@ class ResidentExperts:
         if not preload:
             return
         experts = manifest.target.dims["num_experts"]
-        fuse = provider == "cpu" and fused_experts.fusable(manifest, sessions)
+        fuse = fuse and provider == "cpu" and fused_experts.fusable(manifest, sessions)
         files = ExpertFiles(manifest) if fuse else None
         for layer in manifest.target.moe_layers:
             if fuse:
@@ -130,6 +130,7 @@ class ResidentExperts:
 
     def close(self) -> None:
         self.sessions.clear()
+        self.fused.clear()
 
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
             router_logits: np.ndarray | None = None) -> np.ndarray:

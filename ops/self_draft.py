@@ -10,6 +10,12 @@ exactly what the router would give if only held experts existed. Without `substi
 ones keep their weights, scaled up to the same total. Either way only the draft changes: the
 verify pass runs the full target, so the output stays exactly the target's.
 
+With `copies` (a stack over the package's draft copies of the experts, block-quantized to fewer
+bits: spac-export --draft-experts) nothing is left out or substituted: the draft computes every
+routed expert from its copy, held in memory beside the host cache. Then the draft is the target
+with quantized experts, which agrees with the target far more often than a draft missing some of
+its experts, and it never reads a full expert (an fp32 expert of the testbed is 7x its int4 copy).
+
 The experts the draft lacked are what the verify pass will need; they go to the target stack's
 `lookahead` as soon as the draft meets them, so the prefetcher reads them while the draft goes on.
 """
@@ -29,8 +35,9 @@ class SelfDraftExperts:
 
     policy = "self-draft"
 
-    def __init__(self, target: Experts, num_experts: int, substitute: bool = True):
-        self.target, self.num_experts, self.substitute = target, num_experts, substitute
+    def __init__(self, target: Experts, num_experts: int, substitute: bool = True, copies: Experts | None = None):
+        """`copies`: the draft copies' stack (the draft computes from them); None: the target's held experts."""
+        self.target, self.num_experts, self.substitute, self.copies = target, num_experts, substitute, copies
         self.stats = DraftExpertStats()
 
     def run(self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray,
@@ -42,7 +49,10 @@ class SelfDraftExperts:
         if missing.any():
             self.stats.substituted += int(missing.sum())
             self.target.lookahead(layer, np.unique(topk_ids[missing]).tolist())
-            topk_ids, topk_weights = self._reroute(topk_ids, topk_weights, router_logits, held, missing)
+            if self.copies is None:
+                topk_ids, topk_weights = self._reroute(topk_ids, topk_weights, router_logits, held, missing)
+        if self.copies is not None:
+            return self.copies.run_resident(layer, x, topk_ids, topk_weights)
         return self.target.run_resident(layer, x, topk_ids, topk_weights)
 
     def _reroute(self, topk_ids, topk_weights, router_logits, held, missing):
@@ -94,4 +104,4 @@ class SelfDraftExperts:
         self.stats = DraftExpertStats()
 
     def close(self) -> None:
-        """The target's stack belongs to its owner, who closes it."""
+        """The target's stack and the copies belong to their owner, who closes them."""

@@ -20,7 +20,7 @@ import re
 import stat
 import string
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -72,6 +72,9 @@ class ModelSection:
     layers: tuple[Layer, ...]
     experts: Experts | None
     trunk_quantization: BlockQuantization | None = None  # the target's trunk matmuls (informational)
+    # A block-quantized copy of every routed expert, in fewer bytes than `experts`, that a
+    # self-draft holds in memory and drafts with (spac-export --draft-experts; spac.ops.self_draft)
+    draft_experts: Experts | None = None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -85,6 +88,7 @@ class Manifest:
     target: ModelSection
     draft: ModelSection | None
     expert_data: frozenset[str]  # the routed experts' .data files, which the pager reads itself
+    draft_expert_data: frozenset[str] = frozenset()  # the draft copies' .data files (target.draft_experts)
 
     @property
     def dtype(self) -> str:
@@ -103,8 +107,16 @@ class Manifest:
         return experts.bytes_per_expert * len(self.target.moe_layers) * self.target.dims["num_experts"]
 
     def trunk_bytes(self) -> int:
-        """Bytes of everything but the routed experts' weights (always resident)."""
-        return sum(entry["bytes"] for name, entry in self.files.items() if name not in self.expert_data)
+        """Bytes of everything but the routed experts' weights and their draft copies (always
+        resident)."""
+        return sum(entry["bytes"] for name, entry in self.files.items()
+                   if name not in self.expert_data and name not in self.draft_expert_data)
+
+    def draft_copies(self) -> "Manifest":
+        """This package as if the draft copies of the experts were its experts: what an expert
+        stack (spac.ops.experts.ResidentExperts) loads them from."""
+        target = replace(self.target, experts=self.target.draft_experts, draft_experts=None)
+        return replace(self, target=target, expert_data=self.draft_expert_data, draft_expert_data=frozenset())
 
 
 DIMS = ("hidden_size", "vocab_size", "num_layers", "max_position_embeddings")
@@ -219,16 +231,36 @@ class _Reader:
                                         "(a model has at least one layer)")
         layers = tuple(self.layer(entry, i, f"{name}.layers[{i}]", moe_allowed=name == "target")
                        for i, entry in enumerate(entries))
-        experts = trunk_quantization = None
+        experts = trunk_quantization = draft_experts = None
         if name == "target":
             if not any(layer.kind == "moe" for layer in layers):
                 self.fail("target.layers", "has no 'moe' layer; the target is a Mixture-of-Experts model")
-            experts = self.experts(data["experts"], dims, dtype, [layer.index for layer in layers if layer.kind == "moe"])
+            moe_layers = [layer.index for layer in layers if layer.kind == "moe"]
+            experts = self.experts(data["experts"], dims, dtype, moe_layers, "target.experts")
             trunk_quantization = self.quantization(data.get("trunk_quantization"), "target.trunk_quantization", {})
+            draft_experts = self.optional(data, "draft_experts", "target", (dict,))
+            if draft_experts is not None:
+                draft_experts = self.draft_experts(draft_experts, experts, dims, dtype, moe_layers)
         self.distinct_graphs(name, data["embed"], data["head"], layers)
         return ModelSection(data["architecture"], data["model_type"], dims,
                             self.listed(data["embed"], f"{name}.embed"), self.listed(data["head"], f"{name}.head"),
-                            layers, experts, trunk_quantization)
+                            layers, experts, trunk_quantization, draft_experts)
+
+    def draft_experts(self, raw: dict, experts: Experts, dims: dict, dtype: str, moe_layers: list[int]) -> Experts:
+        """The draft copies: the experts' layout, block-quantized to fewer bytes than the
+        experts, in files of their own."""
+        copies = self.experts(raw, dims, dtype, moe_layers, "target.draft_experts")
+        if copies.quantization is None or copies.bytes_per_expert >= experts.bytes_per_expert:
+            form = "float" if copies.quantization is None else copies.quantization.name
+            self.fail("target.draft_experts", f"take {copies.bytes_per_expert} bytes an expert ({form}); draft copies "
+                                              "must be block-quantized to fewer bytes than the experts' "
+                                              f"{experts.bytes_per_expert}")
+        if copies.spec != experts.spec:
+            self.fail("target.draft_experts.spec", f"is {copies.spec!r:.120}; it must be the experts' "
+                                                   f"{experts.spec!r:.120}")
+        if copies.file_pattern == experts.file_pattern:
+            self.fail("target.draft_experts.file_pattern", "names the experts' own files; draft copies need their own")
+        return copies
 
     def quantization(self, raw, field: str, matrices: dict) -> BlockQuantization | None:
         """null (float weights) or {bits, block_size, symmetric} whose blocks divide every input
@@ -280,57 +312,57 @@ class _Reader:
         return Layer(i, entry["kind"], self.listed(entry["file"], f"{where}.file"), window,
                      tuple(tuple(s) for s in shapes), post)
 
-    def experts(self, raw, dims: dict, dtype: str, moe_layers: list[int]) -> Experts:
-        self.require(raw, "experts", "target.experts")
+    def experts(self, raw, dims: dict, dtype: str, moe_layers: list[int], where: str) -> Experts:
+        self.require(raw, "experts", where)
         spec = raw["spec"]
         variant = spec.get("variant")
         if variant not in EXPERT_VARIANTS:
-            self.fail("target.experts.spec.variant", f"is {variant!r:.80}; valid: {', '.join(EXPERT_VARIANTS)}")
+            self.fail(f"{where}.spec.variant", f"is {variant!r:.80}; valid: {', '.join(EXPERT_VARIANTS)}")
         for key in EXPERT_VARIANTS[variant]:
             if isinstance(spec.get(key), bool) or not isinstance(spec.get(key), (int, float)):
-                self.fail(f"target.experts.spec.{key}", f"must be a number for variant {variant}, "
-                                                        f"got {spec.get(key)!r:.80}")
+                self.fail(f"{where}.spec.{key}", f"must be a number for variant {variant}, "
+                                                 f"got {spec.get(key)!r:.80}")
         hidden, intermediate = dims["hidden_size"], dims["expert_intermediate_size"]
-        quantization = self.quantization(raw.get("quantization"), "target.experts.quantization",
+        quantization = self.quantization(raw.get("quantization"), f"{where}.quantization",
                                          expert_matrices(hidden, intermediate))
         layout = expert_tensors(variant, hidden, intermediate, dtype, quantization)
         expected = [t.manifest_entry() for t in layout]
         if raw["tensors"] != expected:
             form = f"{dtype}" + (f", {quantization.name} blocks of {quantization.block_size}" if quantization else "")
-            self.fail("target.experts.tensors", f"do not match the {variant} layout of hidden_size {hidden} and "
-                                                f"expert_intermediate_size {intermediate} in {form}: expected {expected}")
+            self.fail(f"{where}.tensors", f"do not match the {variant} layout of hidden_size {hidden} and "
+                                         f"expert_intermediate_size {intermediate} in {form}: expected {expected}")
         total = sum(t.nbytes for t in layout)
         if raw["bytes_per_expert"] != total:
-            self.fail("target.experts.bytes_per_expert", f"is {raw['bytes_per_expert']}; the tensors take {total}")
-        experts = Experts(spec, tuple(raw["tensors"]), total, self.file_pattern(raw["file_pattern"]), quantization)
-        self.expert_files(experts, moe_layers, dims["num_experts"])
+            self.fail(f"{where}.bytes_per_expert", f"is {raw['bytes_per_expert']}; the tensors take {total}")
+        experts = Experts(spec, tuple(raw["tensors"]), total, self.file_pattern(raw["file_pattern"], where), quantization)
+        self.expert_files(experts, moe_layers, dims["num_experts"], where)
         return experts
 
-    def file_pattern(self, pattern: str) -> str:
+    def file_pattern(self, pattern: str, where: str) -> str:
         """Only {layer} and {expert}, zero-padded at most: a format string from a stranger could
         otherwise reach attributes ({layer.__class__})."""
         try:
             fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(pattern)
                       if name is not None]
         except ValueError as error:
-            self.fail("target.experts.file_pattern", f"is not a valid pattern ({error}): {pattern!r:.200}")
+            self.fail(f"{where}.file_pattern", f"is not a valid pattern ({error}): {pattern!r:.200}")
         if sorted(name for name, _, _ in fields) != ["expert", "layer"] or any(
                 conversion or not PATTERN_SPEC.fullmatch(spec) for _, spec, conversion in fields):
-            self.fail("target.experts.file_pattern", f"is {pattern!r:.200}; it must hold {{layer}} and {{expert}} "
-                                                     "once each, with at most a zero-padded width like {layer:03d}")
+            self.fail(f"{where}.file_pattern", f"is {pattern!r:.200}; it must hold {{layer}} and {{expert}} "
+                                              "once each, with at most a zero-padded width like {layer:03d}")
         return pattern
 
-    def expert_files(self, experts: Experts, moe_layers: list[int], num_experts: int) -> None:
+    def expert_files(self, experts: Experts, moe_layers: list[int], num_experts: int, where: str) -> None:
         """Every (MoE layer, expert) has its .onnx and .data listed, and no other file matches the
         pattern: num_experts and the MoE layers agree with what was exported."""
         expected = set()
         for layer in moe_layers:
             for expert in range(num_experts):
                 for suffix in SUFFIXES:
-                    name = self.inside(experts.path(layer, expert, suffix), "target.experts.file_pattern")
+                    name = self.inside(experts.path(layer, expert, suffix), f"{where}.file_pattern")
                     if name not in self.files:
-                        self.fail("target.experts", f"lack layer {layer} expert {expert}: {name} is not listed under "
-                                                    f"files (target.dims.num_experts is {num_experts})")
+                        self.fail(where, f"lack layer {layer} expert {expert}: {name} is not listed under "
+                                         f"files (target.dims.num_experts is {num_experts})")
                     expected.add(name)
         matching = re.compile("".join(re.escape(text) + (r"\d+" if name else "")
                                       for text, name, _, _ in string.Formatter().parse(experts.file_pattern))
@@ -367,13 +399,19 @@ def load_manifest(package: str | os.PathLike) -> Manifest:
     target = reader.section(data["target"], "target", data["dtype"])
     draft = reader.section(data["draft"], "draft", data["dtype"]) if data.get("draft") is not None else None
     reader.tokenizer(data["tokenizer"], target.dims["vocab_size"])
-    experts = target.experts
-    expert_data = frozenset(experts.path(layer, expert, ".data") for layer in target.moe_layers
-                            for expert in range(target.dims["num_experts"]))
-    manifest = Manifest(root, data, target, draft, expert_data)
+    manifest = Manifest(root, data, target, draft, data_files(target, target.experts),
+                        data_files(target, target.draft_experts))
     for name in manifest.files:
         _check_size(manifest, name, _regular_file(root, name).st_size)
     return manifest
+
+
+def data_files(target: ModelSection, experts: Experts | None) -> frozenset[str]:
+    """The .data files of every MoE layer's experts (none without `experts`)."""
+    if experts is None:
+        return frozenset()
+    return frozenset(experts.path(layer, expert, ".data") for layer in target.moe_layers
+                     for expert in range(target.dims["num_experts"]))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -466,6 +504,7 @@ def write_manifest(package: str | os.PathLike, data: dict) -> None:
 
 # Where a routed expert's files live in a package, without the extension (.onnx, .data).
 EXPERT_FILE_PATTERN = "target/experts/L{layer:03d}/E{expert:04d}"
+DRAFT_EXPERT_FILE_PATTERN = "target/draft_experts/L{layer:03d}/E{expert:04d}"  # their draft copies
 
 
 def file_table(root: str | os.PathLike) -> dict:

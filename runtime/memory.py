@@ -123,7 +123,7 @@ def kv_cache_bytes(section, context: int, itemsize: int) -> int:
 @dataclass(frozen=True)
 class MemoryPlan:
     limit: int
-    resident: int  # measured after the trunk and draft were loaded
+    resident: int  # measured after the trunk and draft were loaded (and what is about to load)
     kv_cache: int
     read_buffers: int
     margin: int
@@ -143,16 +143,19 @@ class MemoryPlan:
                 "slot_bytes": self.slot_bytes, "cache_slots": self.cache_slots}
 
 
-def plan_memory(limit: int, kv_cache: int, read_buffers: int, slot_bytes: int) -> MemoryPlan:
+def plan_memory(limit: int, kv_cache: int, read_buffers: int, slot_bytes: int, loading: int = 0) -> MemoryPlan:
     """The host cache's share of `limit`, measured now, in slots of `slot_bytes` (one cached
     expert as it is held); refuses a limit that leaves less than one slot (the pager then could
-    not hold even the expert it computes)."""
-    plan = MemoryPlan(limit, resident_bytes(), kv_cache, read_buffers,
+    not hold even the expert it computes). `loading`: bytes about to be loaded (the draft copies
+    of the experts), counted as resident, so a limit they would not fit is refused before they load."""
+    resident = resident_bytes()
+    plan = MemoryPlan(limit, resident + loading, kv_cache, read_buffers,
                       MARGIN_BYTES + int(MARGIN_FRACTION * limit), slot_bytes)
     if plan.cache_slots < 1:
+        copies = f" and the draft copies of the experts {loading / 1e6:.0f} MB" if loading else ""
         raise MemoryLimitError(
-            f"memory limit {limit / 1e6:.0f} MB is too small: the loaded trunk and draft take {plan.resident / 1e6:.0f} MB, "
-            f"KV caches {kv_cache / 1e6:.0f} MB, read buffers {read_buffers / 1e6:.0f} MB and the margin "
+            f"memory limit {limit / 1e6:.0f} MB is too small: the loaded trunk and draft take {resident / 1e6:.0f} MB"
+            f"{copies}, KV caches {kv_cache / 1e6:.0f} MB, read buffers {read_buffers / 1e6:.0f} MB and the margin "
             f"{plan.margin / 1e6:.0f} MB, leaving less than one {slot_bytes / 1e6:.1f} MB expert slot; give at least "
             f"{(limit - plan.host_budget + slot_bytes) / 1e6:.0f} MB")
     return plan

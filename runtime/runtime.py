@@ -24,7 +24,7 @@ from spac.ops.stats import DraftExpertStats
 from spac.ops.sessions import SessionFactory, cuda_available
 
 from .chat import chat_prompt
-from .expert_stack import ExpertOptions, build_experts, verify_trunk
+from .expert_stack import ExpertOptions, build_draft_copies, build_experts, draft_copies_bytes, verify_trunk
 from .manifest import load_manifest
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit, return_freed_buffers_to_the_kernel
 from .model import ModelRunner
@@ -141,10 +141,19 @@ class Runtime:
         self.draft = (ModelRunner(self.manifest, self.manifest.draft, self.sessions, provider=self.provider)
                       if self.draft_mode == "model" else None)
         self.context = self.manifest.target.dims["max_position_embeddings"]
-        self.memory = None
-        if memory_limit is not None:
+        limit = None if memory_limit is None else resolve_limit(memory_limit)
+        if limit is not None:
             return_freed_buffers_to_the_kernel()
-            self.memory = self._plan_memory(resolve_limit(memory_limit), device_tier is not None)
+        # A self-draft drafts from the package's draft copies of the experts where it has them:
+        # held in memory, and loaded here so that a memory limit measures them (a limit they
+        # would not fit is refused first, from their expected size).
+        copies = self.draft_mode == "self" and self.manifest.target.draft_experts is not None
+        if copies and limit is not None:
+            self._plan_memory(limit, device_tier is not None, loading=draft_copies_bytes(self.manifest))
+        self.draft_copies = build_draft_copies(self.manifest, self.sessions, self.provider) if copies else None
+        self.memory = None
+        if limit is not None:
+            self.memory = self._plan_memory(limit, device_tier is not None)
             # The pager counts its budget in expert bytes as stored; the plan, in slots as held.
             host_budget = self.memory.cache_slots * self.manifest.target.experts.bytes_per_expert
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
@@ -154,14 +163,15 @@ class Runtime:
         # A Runtime dropped without close() stops its reader and prefetch threads all the same.
         self._finalizer = weakref.finalize(self, self.experts.close)
         if self.draft_mode == "self":  # the target's twin over the experts it holds: no sessions or KV of its own
-            self.draft = self.target.twin(SelfDraftExperts(self.experts, self.manifest.target.dims["num_experts"]))
+            self.draft = self.target.twin(SelfDraftExperts(self.experts, self.manifest.target.dims["num_experts"],
+                                                           copies=self.draft_copies))
         self.last_result: GenerationResult | None = None
         # One generation at a time: the KV caches, the expert cache and the stats are the
         # Runtime's, so two interleaved generations would corrupt each other's tokens.
         self._lock = threading.Lock()
         self._generating_thread: int | None = None
 
-    def _plan_memory(self, limit: int, device_tier: bool) -> MemoryPlan:
+    def _plan_memory(self, limit: int, device_tier: bool, loading: int = 0) -> MemoryPlan:
         """The host cache's share of `limit` once the loaded trunk and draft model, the KV caches
         (a self-draft writes into the target's own) and the read buffers are counted, each
         expert as the pager will hold it (block-quantized ones on the CPU: as sessions)."""
@@ -170,7 +180,7 @@ class Runtime:
         kv = sum(kv_cache_bytes(section, self.context, itemsize) for section in sections if section is not None)
         prepared = prepares_sessions(self.manifest, self.provider, device_tier)
         plan = plan_memory(limit, kv, PagedExperts.read_buffers(self.manifest, prepared),
-                           cached_expert_bytes(self.manifest, prepared))
+                           cached_expert_bytes(self.manifest, prepared), loading)
         log.info("memory limit %.0f MB: %s", limit / 1e6, plan.as_dict())
         return plan
 
@@ -183,7 +193,7 @@ class Runtime:
     def close(self) -> None:
         """Stop the prefetch worker and release the sessions and expert weights."""
         self._finalizer()  # closes the experts, once
-        self.experts = self.target = self.draft = None
+        self.experts = self.target = self.draft = self.draft_copies = None
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, speculative: bool = True,

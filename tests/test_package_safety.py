@@ -298,3 +298,55 @@ def test_trunk_weights_beside_a_graph_are_hashed_when_experts_are_paged(package)
     (package / f"{name}.data").write_bytes(bytes(data))
     with pytest.raises(ManifestError, match=r"head\.onnx\.data fails its sha256 check"):
         Runtime(package, host_budget=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Draft copies of the experts (spac-export --draft-experts)
+
+
+@pytest.fixture
+def copies_package(exported, tmp_path):
+    """A private copy of a package with int4 draft copies of its experts."""
+    return Path(shutil.copytree(exported(FAMILY, draft_experts="int4").output, tmp_path / "package"))
+
+
+COPY_DATA = "target/draft_experts/L000/E0000.data"
+MALFORMED_COPIES = {
+    "not-mapping": (_set("target.draft_experts", 3), "target.draft_experts"),
+    "float": (_set("target.draft_experts.quantization", None), "target.draft_experts.tensors"),
+    "experts-own-files": (_set("target.draft_experts.file_pattern", "target/experts/L{layer:03d}/E{expert:04d}"),
+                          "target.draft_experts"),
+    "pattern-attribute": (_set("target.draft_experts.file_pattern", "target/draft_experts/L{layer.real}/E{expert}"),
+                          "target.draft_experts.file_pattern"),
+    "variant": (_set("target.draft_experts.spec.variant", "relu"), "target.draft_experts.spec.variant"),
+    "unlisted": (_set(("files", COPY_DATA), KeyError), "target.draft_experts lack layer 0 expert 0"),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED_COPIES)
+def test_malformed_draft_copies_are_one_clear_line(copies_package, name):
+    edit, field = MALFORMED_COPIES[name]
+    edit_manifest(copies_package, edit)
+    message = one_line_error(copies_package)
+    assert field in message, message
+
+
+def test_draft_copies_no_smaller_than_the_experts_are_refused(copies_package):
+    """Copies as wide as the experts (here: the experts' own float layout under the copies'
+    files) would only take memory."""
+    def edit(manifest):
+        copies, experts = manifest["target"]["draft_experts"], manifest["target"]["experts"]
+        copies.update(tensors=experts["tensors"], bytes_per_expert=experts["bytes_per_expert"], quantization=None)
+    edit_manifest(copies_package, edit)
+    message = one_line_error(copies_package)
+    assert "draft copies must be block-quantized to fewer bytes than the experts'" in message, message
+
+
+def test_tampered_draft_copy_fails_its_hash_only_where_it_is_loaded(copies_package):
+    data = bytearray((copies_package / COPY_DATA).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copies_package / COPY_DATA).write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"draft_experts/L000/E0000\.data fails its sha256 check"):
+        Runtime(copies_package, draft="self", host_budget=0.5)
+    with Runtime(copies_package, draft="none", host_budget=0.5) as runtime:  # the copies are not read
+        assert runtime.generate("hello", max_new_tokens=2).token_ids

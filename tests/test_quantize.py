@@ -133,6 +133,12 @@ def exit_code(argv) -> int:
      "is not a multiple of the block size 64"),
     (["--experts", "int8", "--block-size", "48"], "argument --block-size: invalid choice: 48"),
     (["--experts", "int2"], "argument --experts: invalid choice: 'int2'"),
+    (["--draft-experts", "int4", "--block-size", "64"],
+     "--draft-experts int4 --block-size 64: the experts' w_down [32, 64] cannot be quantized"),
+    (["--experts", "int4", "--draft-experts", "int4"],
+     "--draft-experts int4 is not narrower than --experts int4: draft copies must take fewer bits than the "
+     "experts (valid here: none)"),
+    (["--experts", "int8", "--draft-experts", "int8"], "(valid here: int4)"),
 ])
 def test_bad_block_sizes_are_refused_before_loading(model_pair, tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.setattr("spac.export.package.load_model", lambda *a: pytest.fail("the model was loaded"))

@@ -132,6 +132,106 @@ def test_substitution_picks_the_best_held_experts_and_renormalises():
 
 
 # ---------------------------------------------------------------------------------------------
+# Drafting from the package's draft copies of the experts (spac-export --draft-experts)
+
+# A plain SwiGLU family, GPT-OSS's biased, clamped one, and a post-norm family (its layers end in
+# a graph of their own), which cover every way a layer's experts are computed.
+COPIES_FAMILIES = ("qwen3_moe", "gpt_oss", "flex_olmo")
+
+
+def test_copies_compute_every_routed_expert_and_feed_the_lookahead():
+    """Nothing is substituted with copies: every routed id goes to the copies' stack as routed,
+    and the ones the target does not hold are still the verify pass's first prefetches."""
+
+    class Stack:
+        def __init__(self, held):
+            self.held, self.ran, self.wanted = held, [], []
+
+        def resident(self, layer):
+            return self.held
+
+        def lookahead(self, layer, experts):
+            self.wanted.append((layer, experts))
+
+        def run_resident(self, layer, x, ids, weights):
+            self.ran.append((ids.copy(), weights.copy()))
+            return x * 2
+
+    target, copies = Stack({1, 2}), Stack(set())
+    ids = np.array([[1, 2], [0, 2], [3, 0]])
+    weights = np.array([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]], np.float32)
+    x = np.ones((3, 2), np.float32)
+    experts = SelfDraftExperts(target, num_experts=4, copies=copies)
+    out = experts.run(2, x, ids, weights, router_logits=np.zeros((3, 4), np.float32))
+    np.testing.assert_array_equal(out, x * 2)
+    (got_ids, got_weights), = copies.ran
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_weights, weights)
+    assert target.ran == [] and target.wanted == [(2, [0, 3])]
+    assert (experts.stats.routed, experts.stats.substituted) == (6, 3)
+
+
+@pytest.mark.parametrize("family", COPIES_FAMILIES)
+def test_self_draft_from_copies_greedy_equals_transformers(family, exported, reference):
+    ids, expected = reference(family)
+    package = exported(family, draft_experts="int4").output
+    accepted = {}
+    for budget, (host_budget, policy) in SELF_BUDGETS.items():
+        with Runtime(package, draft_len=4, draft="self", host_budget=host_budget, policy=policy) as runtime:
+            assert runtime.draft_copies is not None and runtime.draft.experts.copies is runtime.draft_copies
+            result = runtime.generate(ids, max_new_tokens=NEW_TOKENS)
+        assert result.token_ids == expected, budget
+        accepted[budget] = result.stats.decode.acceptance_rate
+    # With nothing held, a draft without copies runs the trunk alone; the copies' draft is the
+    # model with int4 experts, so it agrees with the target more often.
+    with Runtime(exported(family).output, draft_len=4, draft="self", host_budget=0, policy="lru") as runtime:
+        trunk_only = runtime.generate(ids, max_new_tokens=NEW_TOKENS).stats.decode.acceptance_rate
+    assert accepted["0 bytes"] > trunk_only, (accepted, trunk_only)
+
+
+def test_export_writes_a_narrower_copy_of_every_expert(exported):
+    from spac.runtime.manifest import load_manifest
+    from spac.runtime.profile import format_bytes
+
+    result = exported(NO_DRAFT_FAMILY, draft_experts="int4")
+    manifest = load_manifest(result.output)
+    experts, copies = manifest.target.experts, manifest.target.draft_experts
+    assert copies.quantization.bits == 4 and copies.spec == experts.spec
+    assert copies.bytes_per_expert < experts.bytes_per_expert / 4
+    assert len(manifest.draft_expert_data) == len(manifest.expert_data)
+    assert all(name.startswith("target/draft_experts/") for name in manifest.draft_expert_data)
+    # The copies' weights are neither experts the pager reads nor trunk the runtime always holds
+    # (their small graphs count with the trunk, as the experts' graphs do).
+    plain = load_manifest(exported(NO_DRAFT_FAMILY).output)
+    graphs = sum(entry["bytes"] for name, entry in manifest.files.items()
+                 if name.startswith("target/draft_experts/") and name.endswith(".onnx"))
+    assert manifest.trunk_bytes() == plain.trunk_bytes() + graphs
+    assert manifest.expert_bytes_total() == plain.expert_bytes_total()
+    line = next(line for line in export_cli.summary(result).splitlines() if line.startswith("draft copies"))
+    total = copies.bytes_per_expert * len(manifest.expert_data)
+    assert "int4 (asymmetric, blocks of 32)" in line and format_bytes(total) in line, line
+
+
+def test_a_memory_limit_the_draft_copies_would_not_fit_is_refused_before_they_load(exported):
+    from spac.runtime.memory import MemoryLimitError
+
+    package = exported(NO_DRAFT_FAMILY, draft_experts="int4").output
+    with pytest.raises(MemoryLimitError, match=r"the draft copies of the experts \d+ MB, .* give at least"):
+        Runtime(package, draft="self", memory_limit=10_000_000)
+    with pytest.raises(MemoryLimitError) as refused:  # without a self-draft they are not counted
+        Runtime(package, draft="none", memory_limit=10_000_000)
+    assert "draft copies" not in str(refused.value)
+
+
+def test_draft_copies_are_loaded_only_to_self_draft(exported):
+    package = exported(NO_DRAFT_FAMILY, draft_experts="int4").output
+    with Runtime(package, draft="none", host_budget=0.25, policy="lru") as runtime:
+        assert runtime.draft_copies is None
+    with Runtime(package, draft="model", host_budget=0.25, policy="lru") as runtime:
+        assert runtime.draft_copies is None and runtime.draft.section is runtime.manifest.draft
+
+
+# ---------------------------------------------------------------------------------------------
 # Sampling stays the target's distribution
 
 
