@@ -6,10 +6,12 @@ memory caps, with the storage-bound limit each run could reach.
         [--llama-cpp DIR | $SPAC_LLAMA_CPP] [--out results/bench_memory.json]
 
 PKG is the spac package of MODEL_DIR (the memory testbed: scripts/make_testbed.py, then
-spac-export). For every cap (a fraction of the package's bytes) each contender runs in a fresh
-process inside its own cgroup-v1 memory group at that cap (scripts/memory_cap.py), after the page
-cache was dropped: llama.cpp (the same fp32 weights as GGUF, mmap, greedy), spac `lru` without
-speculative decoding, `static` + SD, `spac` + SD. The spac runs size their host cache with
+spac-export). For every cap (a fraction of the package's bytes, not counting draft copies of the
+experts) each contender runs in a fresh process inside its own cgroup-v1 memory group at that cap
+(scripts/memory_cap.py), after the page cache was dropped: llama.cpp (the same fp32 weights as
+GGUF, mmap, greedy), spac `lru` without speculative decoding, `static` + SD, `spac` + SD (with
+the package's draft model), and where the package has draft copies of its experts (spac-export
+--draft-experts int4) `spac` + self SD, which holds them inside the same cap. The spac runs size their host cache with
 `--memory-limit auto`, i.e. from the cap itself. Every spac run's greedy tokens are checked
 against transformers' `generate` on MODEL_DIR. A package with quantized experts (spac-export
 --experts int4|int8) is measured against llama.cpp's type of the same bits (Q4_0, Q8_0, from
@@ -51,15 +53,20 @@ import memory_cap  # noqa: E402  (sibling scripts, not a package)
 from gguf_convert import (LLAMA_CPP_ENVIRONMENT, LLAMA_TYPE_OF_BITS, add_llama_cpp_argument, convert_to_gguf,  # noqa: E402
                           llama_cpp_binaries, quantize_gguf)
 
+SELF = "spac+self SD"
 CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads with O_DIRECT
     "lru": (dict(policy="lru", direct_io=True), False),
     "static+SD": (dict(policy="static", direct_io=True), True),
     "spac+SD": (dict(policy="spac", direct_io=True), True),
     "spac+SD+lookahead": (dict(policy="spac", direct_io=True, layer_lookahead=True), True),
+    # the target drafting for itself from the package's int4 copies of its experts (spac-export
+    # --draft-experts): run only where the package has them
+    SELF: (dict(policy="spac", direct_io=True, draft="self"), True),
 }
 LLAMA = "llama.cpp (mmap)"
 LLAMA_BINARIES = ("llama-simple", "llama-bench")
-BEST = "spac+SD"  # the run the ratios and the plotted bound are about
+BEST = "spac+SD"  # the run the plotted bound is about
+COMPARED = (BEST, SELF)  # the runs whose ratios to every other run are reported
 DIRECT_ALIGNMENT = 4096
 
 
@@ -325,12 +332,14 @@ def table(report: dict) -> str:
 
 
 def measure_cap(args, fraction: float, package_bytes: int, base: dict, reference, resident, bandwidth,
-                expert_bytes: int, gguf) -> dict:
+                expert_bytes: int, gguf, copies: bool) -> dict:
     cap = int(fraction * package_bytes)
     runs = {}
     if gguf is not None:
         runs[LLAMA] = run_llama(args, gguf, cap, base["prompts"][0])
     for name, (options, speculative) in CONTENDERS.items():
+        if name == SELF and not copies:
+            continue
         config = {**base, "options": options, "speculative": speculative, "memory_limit": "auto",
                   "static_frequencies": resident["static_frequencies"] if options["policy"] == "static" else None}
         run = run_capped(cap, config)
@@ -345,8 +354,8 @@ def measure_cap(args, fraction: float, package_bytes: int, base: dict, reference
         runs[name] = run
         print(f"  cap {fraction:.0%} {name}: {run.get('tokens_per_second', run.get('failed'))}", flush=True)
     speed = {name: run.get("tokens_per_second") for name, run in runs.items()}
-    best = speed.get(BEST)
-    ratios = {f"{BEST}/{name}": best / value for name, value in speed.items() if best and value and name != BEST}
+    ratios = {f"{compared}/{name}": speed[compared] / value for compared in COMPARED if speed.get(compared)
+              for name, value in speed.items() if value and name != compared}
     return {"cap_bytes": cap, "runs": runs, "ratios": ratios, "raw_read": bandwidth,
             "resident": {k: resident[k] for k in ("tokens_per_second", "end_to_end_tokens_per_second")},
             "load_average": os.getloadavg()[0]}
@@ -367,7 +376,9 @@ def main(argv=None) -> int:
     from spac.runtime.manifest import load_manifest
 
     manifest = load_manifest(args.package)
-    package_bytes = sum(entry["bytes"] for entry in manifest.files.values())
+    # The model's bytes: the draft copies, which only a self-draft holds, do not count
+    package_bytes = sum(entry["bytes"] for name, entry in manifest.files.items() if name not in manifest.draft_expert_data)
+    copies = manifest.target.draft_experts is not None
     expert_bytes = manifest.target.experts.bytes_per_expert
     prompts, calibration = prompt_sets(args.prompts)
     print(f"package {args.package}: {package_bytes / 1e9:.2f} GB, experts of {expert_bytes / 1e6:.1f} MB; "
@@ -399,7 +410,8 @@ def main(argv=None) -> int:
         gguf = llama_gguf(args, args.work, None if quantization is None else quantization.bits)
     report = None
     for fraction in (float(c) for c in args.caps.split(",")):
-        entry = measure_cap(args, fraction, package_bytes, base, reference, resident, bandwidth, expert_bytes, gguf)
+        entry = measure_cap(args, fraction, package_bytes, base, reference, resident, bandwidth, expert_bytes, gguf,
+                            copies)
         entry["settings"] = {k: base[k] for k in ("draft_len", "threads", "max_new_tokens")} | {
             "prompts": len(prompts), "llama_tokens": args.llama_tokens, "llama_gguf": gguf and gguf.name} | checks
         report = merge(args.out, f"{fraction:g}", entry)

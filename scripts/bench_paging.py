@@ -62,15 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def export(model: Path, draft: Path, package: Path) -> Path:
-    """spac-export into `package` unless a package newer than both models is already there."""
+def export(model: Path, draft: Path, package: Path, *flags: str) -> Path:
+    """spac-export into `package` (with more spac-export `flags`) unless a package newer than both
+    models is already there."""
     from spac.export.cli import main as export_main
 
     newest = max(f.stat().st_mtime for d in (model, draft) for f in d.iterdir())
     manifest = package / "manifest.yaml"
     if not manifest.exists() or manifest.stat().st_mtime < newest:
         package.parent.mkdir(parents=True, exist_ok=True)
-        if export_main([str(model), "--draft", str(draft), "-o", str(package), "--force", "--quiet"]):
+        if export_main([str(model), "--draft", str(draft), "-o", str(package), "--force", "--quiet", *flags]):
             raise SystemExit(f"spac-export of {model} failed")
     return package
 

@@ -12,6 +12,8 @@ all of them see the same machine):
   self SD           the target drafts with the experts it holds, substituting a missing one by
                     the next-best held expert (`spac`, which prefetches the draft's lookahead)
   self SD (drop)    the same, leaving a missing expert out instead of substituting it
+  self SD (copies)  the target drafting from int4 copies of every expert, held beside the host
+                    cache (a second export with spac-export --draft-experts int4; `spac`)
   ... c0.5          draft or self SD whose rounds stop drafting after a token the draft gave
                     less than 50 % (Runtime(min_draft_confidence=0.5))
 At 100 % every expert is resident (no pager): the policy does not matter there.
@@ -21,7 +23,8 @@ round, and the ratios self/no-SD and self/draft per budget; every run must give 
 tokens. Storage reads go to the disk (see scripts/bench_paging.py: pread + DONTNEED).
 
 Model: the Qwen3-MoE and draft trained by scripts/train_small_moe.py (--trained), exported with
-its draft into --packages unless a current export is already there.
+its draft into --packages (once plain, once with int4 draft copies of its experts) unless a
+current export is already there.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ sys.path.insert(0, str(HERE))
 from bench_paging import PAGE_CACHE, REPO, TRAINED, export  # noqa: E402
 from spac.bench.prompts import PAGING_MODULES, function_openings, warmup_prompt  # noqa: E402
 
+COPIES = "self SD (copies)"  # runs on the package with draft copies of its experts
 CONFIDENCE = 0.5  # the adaptive contenders stop drafting after a token the draft gave less than this
 # name -> Runtime options; "policy" None means the budget's default (resident at 100 %)
 CONTENDERS = {
@@ -51,6 +55,7 @@ CONTENDERS = {
     "self SD": dict(draft="self", policy="spac"),
     f"self SD c{CONFIDENCE}": dict(draft="self", policy="spac", min_draft_confidence=CONFIDENCE),
     "self SD (drop)": dict(draft="self", policy="spac", substitute=False),
+    COPIES: dict(draft="self", policy="spac"),
 }
 PROMPT_COUNT = 3
 
@@ -69,15 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(package: Path, texts: list[str], warmup: str, args, budget: float, options: dict) -> dict:
-    """One contender at one budget in a fresh Runtime: totals over the prompts."""
+def run(packages: dict, texts: list[str], warmup: str, args, budget: float, name: str) -> dict:
+    """One contender at one budget in a fresh Runtime (the copies' contender on the package with
+    draft copies): totals over the prompts."""
     from spac.runtime import Runtime
 
-    options = dict(options)
+    options = dict(CONTENDERS[name])
     substitute = options.pop("substitute", True)
     if budget >= 1.0:
         options.pop("policy")
     runtime_args = dict(host_budget=budget) if budget < 1.0 else {}
+    package = packages["copies" if name == COPIES else "plain"]
     with Runtime(package, draft_len=args.draft_len, threads=args.threads, **options, **runtime_args) as runtime:
         if runtime.draft_mode == "self":
             runtime.draft.experts.substitute = substitute
@@ -123,11 +130,12 @@ def main(argv=None) -> int:
     model, draft = args.trained / "small-moe", args.trained / "small-draft"
     if not (model / "config.json").exists() or not (draft / "config.json").exists():
         raise SystemExit(f"no trained model in {args.trained} (run scripts/train_small_moe.py)")
-    package = export(model, draft, args.packages / "small-moe")
+    packages = {"plain": export(model, draft, args.packages / "small-moe"),
+                "copies": export(model, draft, args.packages / "small-moe-copies", "--draft-experts", "int4")}
     os.sync()  # DONTNEED cannot drop dirty pages: flush what the export just wrote
     warmup = warmup_prompt()
     texts = list(function_openings(PAGING_MODULES).values())[:PROMPT_COUNT]
-    print(f"package: {package}; {PROMPT_COUNT} prompts × {args.max_new_tokens} tokens, γ = {args.draft_len}, "
+    print(f"packages: {', '.join(map(str, packages.values()))}; {PROMPT_COUNT} prompts × {args.max_new_tokens} tokens, γ = {args.draft_len}, "
           f"{args.threads} threads, {args.repeats} repeats, load average {os.getloadavg()[0]:.1f}")
     print(f"storage reads: {PAGE_CACHE}\n")
 
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for budget in args.budgets:
             for name in order:
-                measured[budget][name].append(run(package, texts, warmup, args, budget, CONTENDERS[name]))
+                measured[budget][name].append(run(packages, texts, warmup, args, budget, name))
     results = {budget: {name: median_runs(reps) for name, reps in runs.items()} for budget, runs in measured.items()}
 
     lossless = True
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - started:.0f} s")
 
     report = {
-        "package": str(package), "prompts": PROMPT_COUNT, "max_new_tokens": args.max_new_tokens,
+        "packages": {kind: str(path) for kind, path in packages.items()}, "prompts": PROMPT_COUNT, "max_new_tokens": args.max_new_tokens,
         "draft_len": args.draft_len, "threads": args.threads, "repeats": args.repeats, "page_cache": PAGE_CACHE,
         "load_average": os.getloadavg()[0], "contenders": {k: {**v} for k, v in CONTENDERS.items()},
         "budgets": {f"{budget:.0%}": {"runs": {name: {k: v for k, v in r.items() if k != "token_ids"}
