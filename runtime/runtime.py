@@ -68,8 +68,10 @@ class Generation:
 
 def choose_draft(manifest, draft: str | None) -> str:
     """The draft mode: `draft` checked against the package, or by default its draft model if it
-    has one, else none. (Self-drafting is not the default: on the CPU it decoded slower than the
-    target alone at every host budget measured, see the README's results.)"""
+    has one, else none. (Self-drafting is not the default: without draft copies it decoded
+    slower than the target alone at every host budget measured; with them it is faster at host
+    budgets of 17-45 %, but under a memory cap the copies take the cache's room and it was slower,
+    see the README's results.)"""
     if draft is None:
         return "model" if manifest.draft is not None else "none"
     if draft not in DRAFT_MODES:
@@ -110,7 +112,8 @@ class Runtime:
         `device_tier="cpu"` runs the device tier (slots, balancer plans) on the CPU EP, to
         exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions). `draft` is what
         drafts (DRAFT_MODES): "model", the package's draft model (the default when it has one);
-        "self", the target with only the experts it holds (spac.ops.self_draft); "none".
+        "self", the target drafting from the package's draft copies of its experts where it has
+        them, else with only the experts it holds (spac.ops.self_draft); "none".
         `min_draft_confidence` ends a round's drafting after a token the draft was less sure of
         (spac.runtime.speculative.Decoder). `memory_limit` (bytes, or "auto": the cgroup's
         limit, else MemAvailable) sizes the host cache so that the whole process stays inside
