@@ -31,7 +31,8 @@ from spac.runtime.manifest import (DRAFT_EXPERT_FILE_PATTERN, EXPERT_FILE_PATTER
 
 from .checkpoint import StreamedModel, refuse_quantized
 from .families import ExportError, Family, family_for
-from .quantize import DEFAULT_BLOCK_SIZE, KINDS, expert_arrays, fake_quantize_experts, fake_quantize_trunk, quantization_for
+from .quantize import (DEFAULT_BLOCK_SIZE, KINDS, expert_arrays, fake_quantize_experts, fake_quantize_trunk,
+                       quantization_for)
 from .trunk import export_trunk
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -52,7 +53,7 @@ class ExportOptions:
     trunk: str = "float"  # the same for the target's trunk matmuls
     block_size: int = DEFAULT_BLOCK_SIZE
     symmetric: bool = False
-    draft_experts: str | None = None  # "int4", "int8": also write a copy of every expert so quantized, to self-draft with
+    draft_experts: str | None = None  # "int4", "int8": also a copy of every expert so quantized, to self-draft with
 
 
 @dataclass

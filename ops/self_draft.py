@@ -14,7 +14,7 @@ With `copies` (a stack over the package's draft copies of the experts, block-qua
 bits: spac-export --draft-experts) nothing is left out or substituted: the draft computes every
 routed expert from its copy, held in memory beside the host cache. Then the draft is the target
 with quantized experts, which agrees with the target far more often than a draft missing some of
-its experts, and it never reads a full expert (an fp32 expert of the testbed is 7x its int4 copy).
+its experts, and it never reads a full expert (an fp32 expert is 6-7x its int4 copy).
 
 The experts the draft lacked are what the verify pass will need; they go to the target stack's
 `lookahead` as soon as the draft meets them, so the prefetcher reads them while the draft goes on.
