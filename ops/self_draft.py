@@ -16,8 +16,12 @@ routed expert from its copy, held in memory beside the host cache. Then the draf
 with quantized experts, which agrees with the target far more often than a draft missing some of
 its experts, and it never reads a full expert (an fp32 expert is 6-7x its int4 copy).
 
-The experts the draft lacked are what the verify pass will need; they go to the target stack's
-`lookahead` as soon as the draft meets them, so the prefetcher reads them while the draft goes on.
+The experts the draft lacked are what the verify pass will need; without copies they go to the
+target stack's `lookahead` as soon as the draft meets them, so the prefetcher reads them while
+the draft goes on. With copies they do not: the prefetcher's reads then slowed the draft more
+than they saved the verify pass (spac policy, 25 % host budget: 153-168 against 231-234 tok/s on
+the trained model, the draft 16-18 against 8 ms a round; 17.4-18.5 against 19.8-21.2 tok/s on
+the 18.9 MB-expert testbed, whose verify passes were faster without them too).
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ class SelfDraftExperts:
         self.stats.routed += topk_ids.size
         if missing.any():
             self.stats.substituted += int(missing.sum())
-            self.target.lookahead(layer, np.unique(topk_ids[missing]).tolist())
             if self.copies is None:
+                self.target.lookahead(layer, np.unique(topk_ids[missing]).tolist())
                 topk_ids, topk_weights = self._reroute(topk_ids, topk_weights, router_logits, held, missing)
         if self.copies is not None:
             return self.copies.run_resident(layer, x, topk_ids, topk_weights)

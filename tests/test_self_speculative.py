@@ -139,9 +139,10 @@ def test_substitution_picks_the_best_held_experts_and_renormalises():
 COPIES_FAMILIES = ("qwen3_moe", "gpt_oss", "flex_olmo")
 
 
-def test_copies_compute_every_routed_expert_and_feed_the_lookahead():
-    """Nothing is substituted with copies: every routed id goes to the copies' stack as routed,
-    and the ones the target does not hold are still the verify pass's first prefetches."""
+def test_copies_compute_every_routed_expert_and_leave_the_prefetcher_alone():
+    """Nothing is substituted with copies: every routed id goes to the copies' stack as routed;
+    the ones the target does not hold are counted but not prefetched (that slowed the draft more
+    than it saved the verify pass, see spac.ops.self_draft)."""
 
     class Stack:
         def __init__(self, held):
@@ -167,7 +168,7 @@ def test_copies_compute_every_routed_expert_and_feed_the_lookahead():
     (got_ids, got_weights), = copies.ran
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_weights, weights)
-    assert target.ran == [] and target.wanted == [(2, [0, 3])]
+    assert target.ran == [] and target.wanted == []
     assert (experts.stats.routed, experts.stats.substituted) == (6, 3)
 
 
