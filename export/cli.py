@@ -88,6 +88,9 @@ def summary(result) -> str:
     moe_layers = sum(layer["kind"] == "moe" for layer in target["layers"])
     expert_files = moe_layers * target["dims"]["num_experts"]
     total = sum(entry["bytes"] for entry in manifest["files"].values())
+    copies = target.get("draft_experts")
+    copies_row = [("draft copies", f"{describe_quantization(copies['quantization'])}, "
+                                   f"{format_bytes(copies['bytes_per_expert'] * expert_files)}")] if copies else []
     rows = [
         ("package", str(result.output)),
         ("architecture", f"{target['architecture']} + {draft_name}"),
@@ -96,15 +99,12 @@ def summary(result) -> str:
                     f"{expert_files} files ({experts['spec']['variant']})"),
         ("bytes per expert", format_bytes(experts["bytes_per_expert"])),
         ("expert bytes", format_bytes(experts["bytes_per_expert"] * expert_files)),
+        *copies_row,
         ("total bytes", format_bytes(total)),
         ("files", str(len(manifest["files"]) + 1)),
         ("dtype", manifest["dtype"]),
         ("quantization", quantization_summary(experts.get("quantization"), target.get("trunk_quantization"))),
     ]
-    copies = target.get("draft_experts")
-    if copies:
-        rows.insert(6, ("draft copies", f"{describe_quantization(copies['quantization'])}, "
-                                         f"{format_bytes(copies['bytes_per_expert'] * expert_files)}"))
     report = result.verification
     if report:
         draft_diff = report["draft_max_abs_diff"]

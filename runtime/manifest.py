@@ -334,7 +334,8 @@ class _Reader:
         total = sum(t.nbytes for t in layout)
         if raw["bytes_per_expert"] != total:
             self.fail(f"{where}.bytes_per_expert", f"is {raw['bytes_per_expert']}; the tensors take {total}")
-        experts = Experts(spec, tuple(raw["tensors"]), total, self.file_pattern(raw["file_pattern"], where), quantization)
+        pattern = self.file_pattern(raw["file_pattern"], where)
+        experts = Experts(spec, tuple(raw["tensors"]), total, pattern, quantization)
         self.expert_files(experts, moe_layers, dims["num_experts"], where)
         return experts
 

@@ -11,8 +11,8 @@ experts) each contender runs in a fresh process inside its own cgroup-v1 memory 
 (scripts/memory_cap.py), after the page cache was dropped: llama.cpp (the same fp32 weights as
 GGUF, mmap, greedy), spac `lru` without speculative decoding, `static` + SD, `spac` + SD (with
 the package's draft model), and where the package has draft copies of its experts (spac-export
---draft-experts int4) `spac` + self SD, which holds them inside the same cap. The spac runs size their host cache with
-`--memory-limit auto`, i.e. from the cap itself. Every spac run's greedy tokens are checked
+--draft-experts int4) `spac` + self SD, which holds them inside the same cap. The spac runs
+size their host cache with `--memory-limit auto`, i.e. from the cap itself. Every spac run's greedy tokens are checked
 against transformers' `generate` on MODEL_DIR. A package with quantized experts (spac-export
 --experts int4|int8) is measured against llama.cpp's type of the same bits (Q4_0, Q8_0, from
 its llama-quantize), and its runs' tokens are checked against the same package with every
@@ -377,7 +377,8 @@ def main(argv=None) -> int:
 
     manifest = load_manifest(args.package)
     # The model's bytes: the draft copies, which only a self-draft holds, do not count
-    package_bytes = sum(entry["bytes"] for name, entry in manifest.files.items() if name not in manifest.draft_expert_data)
+    package_bytes = sum(entry["bytes"] for name, entry in manifest.files.items()
+                        if name not in manifest.draft_expert_data)
     copies = manifest.target.draft_experts is not None
     expert_bytes = manifest.target.experts.bytes_per_expert
     prompts, calibration = prompt_sets(args.prompts)

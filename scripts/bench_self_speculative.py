@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     os.sync()  # DONTNEED cannot drop dirty pages: flush what the export just wrote
     warmup = warmup_prompt()
     texts = list(function_openings(PAGING_MODULES).values())[:PROMPT_COUNT]
-    print(f"packages: {', '.join(map(str, packages.values()))}; {PROMPT_COUNT} prompts × {args.max_new_tokens} tokens, γ = {args.draft_len}, "
+    print(f"packages: {', '.join(map(str, packages.values()))}; {PROMPT_COUNT} prompts × {args.max_new_tokens} "
+          f"tokens, γ = {args.draft_len}, "
           f"{args.threads} threads, {args.repeats} repeats, load average {os.getloadavg()[0]:.1f}")
     print(f"storage reads: {PAGE_CACHE}\n")
 
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - started:.0f} s")
 
     report = {
-        "packages": {kind: str(path) for kind, path in packages.items()}, "prompts": PROMPT_COUNT, "max_new_tokens": args.max_new_tokens,
+        "packages": {kind: str(path) for kind, path in packages.items()}, "prompts": PROMPT_COUNT,
+        "max_new_tokens": args.max_new_tokens,
         "draft_len": args.draft_len, "threads": args.threads, "repeats": args.repeats, "page_cache": PAGE_CACHE,
         "load_average": os.getloadavg()[0], "contenders": {k: {**v} for k, v in CONTENDERS.items()},
         "budgets": {f"{budget:.0%}": {"runs": {name: {k: v for k, v in r.items() if k != "token_ids"}
