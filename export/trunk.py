@@ -36,7 +36,8 @@ from torch import nn
 
 from spac.ops.expert_graph import OPSET
 
-from .attention import RealComplex, real_rotary
+from .attention import NAME as GROUPED_ATTENTION
+from .attention import ONNX_TRANSLATIONS, RealComplex, deferred_cache, real_rotary
 from .checkpoint import StreamedModel
 from .families import Family
 from .fusion import fuse_rms_norms, fuse_sibling_matmuls
@@ -53,10 +54,12 @@ NEW_TOKENS, PAST = torch.export.Dim("new_tokens", min=1, max=4096), torch.export
 class ExplicitKV:
     """Stands in for a transformers Cache: concatenates the past tensors given as graph inputs
     with this step's tensors and keeps the result as the graph's present outputs. With no past
-    it only records this step's tensors (used to learn the cache shapes)."""
+    it only records this step's tensors (used to learn the cache shapes). `deferred`: update
+    returns this step's tensors as they are, and the attention function concatenates the cache
+    in its fused node (attention.deferred_cache) and sets `present`."""
 
-    def __init__(self, past: tuple[torch.Tensor, torch.Tensor] | None):
-        self.past = past
+    def __init__(self, past: tuple[torch.Tensor, torch.Tensor] | None, deferred: bool = False):
+        self.past, self.deferred = past, deferred
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def get_seq_length(self, layer_idx: int = 0):
@@ -64,6 +67,8 @@ class ExplicitKV:
         return 0 if self.past is None else self.past[0].shape[2]
 
     def update(self, first, second, layer_idx, *args, **kwargs):
+        if self.deferred:
+            return first, second
         if self.past is None:
             self.present = (first, second)
         else:
@@ -116,6 +121,8 @@ class LayerGraph(nn.Module):
         self.rotary_heads_axis = family.complex_rotary_heads_axis
         self.is_moe = family.is_moe_layer(layer)
         self.post_norms = family.post_norms
+        self.attention_function = model.config._attn_implementation
+        self.fused_attention = False  # set by export_layer once the cache's shapes are known (fuses_attention)
         # Pre-norm layers normalise what enters attention and the MLP; post-norm layers what
         # leaves them (OLMo-2).
         self.input_layernorm = nn.Identity() if self.post_norms else layer.input_layernorm
@@ -131,14 +138,23 @@ class LayerGraph(nn.Module):
 
     def attend(self, hidden, cos, sin, cache: ExplicitKV, mask=None):
         rotary = (cos, sin) if self.rotary_heads_axis is None else RealComplex(cos, sin, self.rotary_heads_axis)
-        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=rotary,
-                                 attention_mask=mask, cache=cache)
+        with deferred_cache(self.self_attn, cache) if cache.deferred else nullcontext():
+            attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), position_embeddings=rotary,
+                                     attention_mask=mask, cache=cache)
         if self.post_norms:
             return hidden + self.post_attention_layernorm(attn)
         return hidden + attn
 
+    def fuses_attention(self, kv_shapes: list[list[int]], dtype: torch.dtype) -> bool:
+        """Whether this layer's attention, mask and cache concat can be one GroupQueryAttention
+        node (attention.py): spac's grouped attention in float32 under a plain causal mask, over
+        a key and value cache of one shape (not MLA's compressed one)."""
+        return (self.attention_function == GROUPED_ATTENTION and dtype == torch.float32 and self.window is None
+                and self.chunk is None and kv_shapes[0] == kv_shapes[1])
+
     def forward(self, hidden, cos, sin, past_first, past_second):
-        cache = ExplicitKV((past_first, past_second))
+        cache = ExplicitKV((past_first, past_second), deferred=self.fused_attention)
+        # (Unused where the fused node masks: the exporter then drops its nodes.)
         mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype, self.chunk)
         residual = self.attend(hidden, cos, sin, cache, mask)
         moe_input = residual if self.post_norms else self.post_attention_layernorm(residual)
@@ -188,6 +204,7 @@ def trace_graph(module: nn.Module, args: tuple, input_names, output_names, dynam
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+            custom_translation_table=ONNX_TRANSLATIONS,
         )
     fuse_rms_norms(program.model)
     return program.model_proto
@@ -252,6 +269,7 @@ def export_layer(layer_graph: LayerGraph, one_token, cos, sin, out_dir, template
     layer's manifest entry."""
     shapes = kv_shapes(layer_graph, *one_token)
     dtype = one_token[0].dtype
+    layer_graph.fused_attention = layer_graph.fuses_attention(shapes, dtype)
     past = tuple(torch.zeros(s[0], s[1], 2, s[3], dtype=dtype) for s in shapes)
     hidden = torch.zeros(1, 3, one_token[0].shape[-1], dtype=dtype)
     outputs = (["residual", "moe_input", "topk_ids", "topk_weights", "router_logits"] if layer_graph.is_moe

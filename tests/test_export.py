@@ -72,6 +72,36 @@ def test_trunk_layers_come_out_fused(family, exported):
         assert "Split" in ops, (layer.file, ops)
 
 
+# Families whose layers cannot attend in one GroupQueryAttention node: attention sinks (eager) and
+# multi-head latent attention (a key and value cache of different shapes).
+UNFUSED_ATTENTION = {"gpt_oss", "deepseek_v3", "deepseek_v2"}
+
+
+def fused_attention_nodes(manifest, layer) -> int:
+    graph = onnx.load(manifest.root / layer.file, load_external_data=False).graph
+    return sum(node.op_type == "GroupQueryAttention" for node in graph.node)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_layers_attend_in_one_fused_node_unless_windowed(family, exported, model_pair):
+    """A float32 layer under a plain causal mask attends, masks and extends its cache in one
+    GroupQueryAttention node (and still reproduces the model: test_package_reproduces_model_logits);
+    sliding-window and chunked layers, sinks and MLA keep the eager arithmetic."""
+    manifest = load_manifest(exported(family).output)
+    config = json.loads((model_pair(family)[0] / "config.json").read_text())
+    layer_types = config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]
+    for layer in manifest.target.layers:
+        fused = family not in UNFUSED_ATTENTION and layer_types[layer.index] == "full_attention"
+        assert fused_attention_nodes(manifest, layer) == int(fused), layer.file
+
+
+def test_float16_layers_keep_the_eager_attention(exported):
+    """float16 keeps the eager arithmetic (softmax in float32, as transformers rounds it), which
+    the float16 packages' accuracy was measured with; the fused kernel's float16 path is not."""
+    manifest = load_manifest(exported("qwen3_moe", experts="int4", dtype="float16").output)
+    assert not any(fused_attention_nodes(manifest, layer) for layer in manifest.target.layers)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_package_files_match_manifest(family, exported):
     manifest = load_manifest(exported(family).output)
