@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -330,6 +330,20 @@ def generation_defaults(model_dir: Path) -> dict:
     return {key: config[key] for key in GENERATION_KEYS if config.get(key) is not None}
 
 
+@contextmanager
+def transformers_progress_bars(enabled: bool):
+    """transformers' own bars ("Loading weights" of the reference models) follow the export's
+    --quiet, and come back as they were after it."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar)()
+
+
 def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
     """The whole export. `verify_fn(package_dir, model, draft)` returns the verification report.
     Without a draft directory the package has `draft: null` and no draft graphs."""
@@ -363,6 +377,7 @@ def export_package(options: ExportOptions, verify_fn=None) -> ExportResult:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
     with ExitStack() as sources:
         try:
+            sources.enter_context(transformers_progress_bars(options.progress))
             tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the package should not be
             model = sources.enter_context(closing(load_model(model_dir, options.dtype, family, config)))
             draft = (sources.enter_context(closing(load_model(draft_dir, options.dtype, draft_family, draft_config)))

@@ -223,6 +223,7 @@ def test_cli_exports_verifies_and_force_replaces_the_old_package_whole(small_pai
     done = subprocess.run([str(SPAC_EXPORT), *export_args(*small_pair, output, "--force")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    assert "%|" not in done.stderr, done.stderr  # --quiet: no bar, transformers' "Loading weights" included
     for row in ("layers", "experts", "bytes per expert", "total bytes", "files"):
         assert re.search(rf"^{row}\s", done.stdout, re.M), done.stdout
     assert re.search(r"^verification\s+passed: max abs logit diff target \S+ \(tolerance \S+\), draft \S+ \(tolerance \S+\)",
