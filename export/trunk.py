@@ -46,7 +46,8 @@ from .stamping import make_template, structure_key
 
 # Opset 20 runs on ONNX Runtime >= 1.20 (JetPack 6). Opset 23's fused Attention and
 # RMSNormalization nodes decoded no faster here (A/B in bench_runtime: 0.99-1.00x), and their
-# kernels need ORT >= 1.23 (Attention on the CUDA EP later still).
+# kernels need ORT >= 1.23 (Attention on the CUDA EP later still). The contrib
+# GroupQueryAttention the exporter uses instead (attention.py) runs on ORT >= 1.20's CPU EP.
 INLINE_WEIGHTS_LIMIT = 2**31 - 2**26  # bytes of weights a graph file holds inside (protobuf's cap, less room)
 NEW_TOKENS, PAST = torch.export.Dim("new_tokens", min=1, max=4096), torch.export.Dim("past", min=0, max=65536)
 
