@@ -15,7 +15,6 @@ from spac.ops.prefetcher import PrefetchRequest
 from spac.ops.stats import PagingStats
 
 from .measure import CONFIGS
-from .trace import trace_frequencies
 
 MODELLED = "MODELLED, not measured"
 
