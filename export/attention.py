@@ -57,7 +57,8 @@ def grouped_attention(module, query, key, value, attention_mask, scaling: float,
 
 
 def _grouped(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
-    """(Trunks are exported in eval mode: no attention dropout.)"""
+    """grouped_attention's arithmetic, as a tensor [B, T, H, Dv]. No dropout: trunks are
+    exported in eval mode, so transformers' `dropout` argument is always 0 here."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     query = query.reshape(batch, kv_heads, heads // kv_heads, length, dim)  # [B, Hkv, G, T, D]
