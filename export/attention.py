@@ -12,10 +12,11 @@ Models with attention sinks (GPT-OSS) keep transformers' own "eager" (see famili
 Where a layer's cache is deferred to it (`deferred_cache`: a float32 layer with a plain causal
 mask, see trunk.LayerGraph), the cache's concat, the mask and the attention become one
 `group_query_attention` node, exported as ONNX Runtime's com.microsoft.GroupQueryAttention: a
-decode layer runs about 30 small nodes fewer (the mask's construction, the two cache concats,
-the reshapes around two matmuls and a softmax). Its kernel scales the product inside the GEMM
-and applies the causal mask by skipping the masked keys, so its outputs differ from eager's by
-float rounding only (~1e-7 here). Sliding-window layers keep the eager form: ORT 1.20's
+decode layer of scripts/bench_runtime.py's shape has 48 nodes instead of 64 (the mask's
+construction, the two cache concats, the reshapes around two matmuls and a softmax go; the
+node's sequence-length inputs and layout reshapes come). Its kernel scales the product inside
+the GEMM and applies the causal mask by skipping the masked keys, so its outputs differ from
+eager's by float rounding only (up to ~5e-7 here). Sliding-window layers keep the eager form: ORT 1.20's
 `local_window_size` attends to one key more than 1.32's and transformers'.
 
 A complex rotary embedding (DeepSeek-V2, Llama 4) is exported in real arithmetic (`real_rotary`).
@@ -50,7 +51,8 @@ def grouped_attention(module, query, key, value, attention_mask, scaling: float,
     cache = getattr(module, DEFERRED_CACHE, None)
     if cache is not None:
         (past_key, past_value), heads = cache.past, query.shape[1]
-        out, present_key, present_value = group_query_attention(query, key, value, past_key, past_value, scaling)
+        out, present_key, present_value = group_query_attention(query, key, value, past_key, past_value,
+                                                                attention_mask, scaling)
         cache.present = (present_key, present_value)
         return out.reshape(query.shape[0], query.shape[2], heads, value.shape[-1]), None
     return _grouped(query, key, value, attention_mask, scaling), None
@@ -84,19 +86,20 @@ def deferred_cache(attention: torch.nn.Module, cache):
 
 @torch.library.custom_op("spac::group_query_attention", mutates_args=())
 def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
-                          past_value: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """query [B, H, T, D], this step's key/value [B, Hkv, T, D], the cache [B, Hkv, P, D] ->
-    (out [B, T, H * D], present key/value [B, Hkv, P + T, D]): causal attention over the
-    cache and this step. Exported as one GroupQueryAttention node (group_query_attention_onnx)."""
+                          past_value: torch.Tensor, causal_mask: torch.Tensor,
+                          scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query [B, H, T, D], this step's key/value [B, Hkv, T, D], the cache [B, Hkv, P, D], the
+    layer's plain causal mask [1, 1, T, P + T] -> (out [B, T, H * D], present key/value [B, Hkv,
+    P + T, D]): attention over the cache and this step. Exported as one GroupQueryAttention node
+    (group_query_attention_onnx), which masks causally by itself: only layers whose mask is the
+    plain causal one are fused (trunk.LayerGraph.fuses_attention)."""
     present_key, present_value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
-    length, past = query.shape[2], past_key.shape[2]
-    blocked = torch.full((length, past + length), torch.finfo(query.dtype).min, dtype=query.dtype).triu(past + 1)
-    out = _grouped(query, present_key, present_value, blocked[None, None], scaling)
-    return out.reshape(query.shape[0], length, -1), present_key, present_value
+    out = _grouped(query, present_key, present_value, causal_mask, scaling)
+    return out.reshape(query.shape[0], query.shape[2], -1), present_key, present_value
 
 
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, scaling):
+def _(query, key, value, past_key, past_value, causal_mask, scaling):
     batch, heads, length, _ = query.shape
     total = past_key.shape[2] + length
     return (query.new_empty(batch, length, heads * value.shape[-1]), key.new_empty(batch, key.shape[1], total, key.shape[3]),
@@ -124,9 +127,10 @@ _register_group_query_attention_schema()
 _contrib = onnxscript.values.Opset(CONTRIB_DOMAIN, 1)
 
 
-def group_query_attention_onnx(query, key, value, past_key, past_value, scaling: float):
+def group_query_attention_onnx(query, key, value, past_key, past_value, causal_mask, scaling: float):
     """group_query_attention as GroupQueryAttention: its query and this step's key/value are
-    [B, T, heads * D], the cache stays [B, Hkv, P, D]; seqlens_k is P + T - 1 for batch 1."""
+    [B, T, heads * D], the cache stays [B, Hkv, P, D]; seqlens_k is P + T - 1 for batch 1. The
+    node masks causally itself, so `causal_mask` is not read and the exporter drops its nodes."""
     def tokens_first(x):
         return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
 

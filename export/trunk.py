@@ -155,7 +155,6 @@ class LayerGraph(nn.Module):
 
     def forward(self, hidden, cos, sin, past_first, past_second):
         cache = ExplicitKV((past_first, past_second), deferred=self.fused_attention)
-        # (Unused where the fused node masks: the exporter then drops its nodes.)
         mask = causal_mask(past_first.shape[2], hidden.shape[1], self.window, hidden.dtype, self.chunk)
         residual = self.attend(hidden, cos, sin, cache, mask)
         moe_input = residual if self.post_norms else self.post_attention_layernorm(residual)
