@@ -114,7 +114,8 @@ def resident_bytes() -> int:
 
 
 def kv_cache_bytes(section, context: int, itemsize: int) -> int:
-    """A model's KV cache at `context` positions, twice: extending it copies the old arrays."""
+    """A model's KV cache at `context` positions, twice: extending it copies the old arrays (each
+    step, or, appended in place, when a buffer doubles: spac.runtime.kv_cache)."""
     per_position = sum(math.prod(d for axis, d in enumerate(shape) if axis != 2)
                        for layer in section.layers for shape in layer.kv_shapes)
     return 2 * per_position * context * itemsize

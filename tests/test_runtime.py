@@ -253,6 +253,59 @@ def test_always_right_and_always_wrong_drafts(family, runtime_for, reference):
     assert sampled.stats.as_dict()["acceptance_rate"] > 0.9
 
 
+def transformers_cache(model_dir: Path, tokens: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the keys and values transformers' own forward caches for `tokens`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        cache = model(torch.tensor([tokens]), use_cache=True).past_key_values
+    return [(layer.keys.numpy(), layer.values.numpy()) for layer in cache.layers]
+
+
+def test_fused_layers_append_to_their_cache_in_place(runtime_for, reference, model_pair, monkeypatch):
+    """Layers whose attention is one GroupQueryAttention node write each step's keys and values
+    into their cache's buffers (kv_cache.InPlaceCache): a step within the capacity allocates no
+    new cache, growing past it keeps what was held, and after steps, growth, a rollback and a pass
+    that failed midway the cache holds what transformers' does."""
+    runtime = runtime_for(API_FAMILY)
+    ids, _ = reference(API_FAMILY)
+    target = ModelRunner(runtime.manifest, runtime.manifest.target, runtime.sessions, runtime.experts)
+    assert target.in_place == set(range(len(target.layers)))
+    tokens = ids + list(range(40, 60))
+    target.forward(tokens[:len(ids)])
+    buffers = [layer.buffers for layer in target.kv.layers]
+    target.forward(tokens[len(ids):len(ids) + 1])
+    assert target.kv.layers[0].capacity > target.length
+    assert [layer.buffers for layer in target.kv.layers] == buffers  # the same arrays, written in place
+    for token in tokens[target.length:]:  # past the first capacity (16 positions)
+        target.forward([token])
+    assert target.kv.layers[0].capacity >= 32
+    target.truncate(len(ids) + 3)
+    target.forward(tokens[target.length:target.length + 5])  # a verify-sized step after a rollback
+
+    # A pass that fails in its last MoE layer leaves the cache as it was.
+    last = max(layer.index for layer in runtime.manifest.target.layers if layer.kind == "moe")
+    run = type(runtime.experts).run
+
+    def failing(experts, layer, *args, **kwargs):
+        if layer == last:
+            raise RuntimeError("an expert failed")
+        return run(experts, layer, *args, **kwargs)
+
+    held = target.length
+    with monkeypatch.context() as patch:
+        patch.setattr(type(runtime.experts), "run", failing)
+        with pytest.raises(RuntimeError, match="an expert failed"):
+            target.forward(tokens[held:held + 2])
+    assert target.length == held
+    for (first, second), (want_first, want_second) in zip(target.cache, transformers_cache(model_pair(API_FAMILY)[0],
+                                                                                          tokens[:held])):
+        np.testing.assert_allclose(first, want_first, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(second, want_second, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling: the output distribution is the target's
 
