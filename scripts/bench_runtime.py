@@ -133,13 +133,15 @@ def matmul_roofline_rate(runtime, tokens: int, vocab: int):
 
 def interleaved_rates(contenders: dict, repeats: int) -> dict[str, list[float]]:
     """Each contender's rate, measured round-robin so that all of them see the same machine
-    (this VM's memory bandwidth moves by ±15% within minutes)."""
+    (this VM's memory bandwidth moves by ±15% within minutes); each round starts with the next
+    contender, since the order alone moved a ratio here (0.96x in one fixed order, 1.01x reversed)."""
     for measure in contenders.values():
         measure()  # warm-up
     rates = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, measure in contenders.items():
-            rates[name].append(measure())
+    names = list(contenders)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            rates[name].append(contenders[name]())
     return rates
 
 

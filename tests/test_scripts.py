@@ -93,6 +93,14 @@ def test_bench_runtime_quick(clone):
 
 
 @pytest.mark.slow
+def test_bench_kv_cache_smallest(clone):
+    run_script(clone, "scripts/bench_kv_cache.py", "--contexts", "16", "--tokens", "4", "--repeats", "1",
+               "--precisions", "float32")
+    result = json.loads((clone[0] / "results" / "bench_kv_cache.json").read_text())["results"]["float32 @ 16"]
+    assert result["median_tokens_per_second"]["in place"] > 0 and result["median_tokens_per_second"]["copying"] > 0
+
+
+@pytest.mark.slow
 def test_train_then_bench_paging(clone):
     """The path a new user takes: train the small model, then benchmark paging and self-speculative
     decoding on it."""
