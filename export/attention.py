@@ -36,8 +36,9 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from spac.ops.quantization import CONTRIB_DOMAIN
+
 NAME = "spac_grouped_eager"
-CONTRIB_DOMAIN = "com.microsoft"
 DEFERRED_CACHE = "spac_deferred_cache"  # the attention module's attribute while its cache is deferred
 
 

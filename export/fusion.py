@@ -14,6 +14,13 @@ step multiplies one row by each weight, which is bound by memory bandwidth: one 
 streams better than three small ones and is one parallel section instead of three (3.5-8% more
 decode tokens/s in bench_runtime). Each output column is computed as before, so the results are
 bit-identical.
+
+Rotary embeddings: transformers' `x * cos + rotate_half(x) * sin` on queries and keys [B, H, T,
+D] (two Slices, a Neg, a Concat, two Muls and an Add each) becomes one com.microsoft
+RotaryEmbedding. The layer graph is given this step's cos and sin [1, T, D] (the embed graph's
+rope_cos and rope_sin, whose two halves are equal: transformers builds them as cat(freqs,
+freqs)), so the node's cache is their first half [T, D/2] and its position ids start at 0: no
+table of every position is needed, whatever the rotary scaling. Batch 1, as the runtime runs.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from collections import defaultdict
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxscript.optimizer
 from onnx import helper, numpy_helper
 from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+from spac.ops.quantization import CONTRIB_DOMAIN
 
 
 class UnscaledRmsNormFusion(pattern.RewriteRuleClassBase):
@@ -59,6 +69,67 @@ def fuse_rms_norms(model: ir.Model) -> int:
     fused = fuse_rms_normalization(model)
     fused += _unscaled_rms_norms.apply_to_model(model)
     return fused + fuse_skip_rms_normalization(model)
+
+
+class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
+    """x [B, H, T, D] * cos + rotate_half(x) * sin, cos and sin [1, T, D] unsqueezed over the
+    heads -> RotaryEmbedding(x, position 0, cos[..., :D/2] as [T, D/2], likewise sin)."""
+
+    def __init__(self):
+        super().__init__("RotaryEmbeddingFusion")
+        self.caches: dict = {}  # this step's cos or sin -> its [T, D/2] half, made once a graph
+
+    def pattern(self, op, x, cos, sin, half, second_half, end):
+        rotated = op.Concat(op.Neg(op.Slice(x, second_half, end, [3], [1])), op.Slice(x, [0], half, [3], [1]), axis=-1)
+        return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+
+    def check(self, op, x, cos, sin, half, second_half, end, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype != ir.DataType.FLOAT or x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[3], int):
+            return result.fail("input is not float32 [B, H, T, D] with a static D", x)
+        head = x.shape[3]
+        if not (_ir_utils.is_singleton_value(half, head // 2) and _ir_utils.is_singleton_value(second_half, head // 2)
+                and _ir_utils.is_singleton_value(end, lambda value: value >= head)):
+            return result.fail("x is not split into two halves", x)
+        for value in (cos, sin):
+            source = _heads_unsqueezed(value)
+            if source is None or source.shape is None or len(source.shape) != 3 or source.shape[2] != head:
+                return result.fail("cos/sin is not a [1, T, D] tensor unsqueezed over the heads", value)
+        return result
+
+    def rewrite(self, op, x, cos, sin, **_):
+        half = x.shape[3] // 2
+        position = op.Constant(value=ir.tensor(np.zeros(1, dtype=np.int64)))
+        return op.RotaryEmbedding(x, position, self._half(op, _heads_unsqueezed(cos), half),
+                                  self._half(op, _heads_unsqueezed(sin), half), interleaved=0, _domain=CONTRIB_DOMAIN)
+
+    def _half(self, op, value, half: int):
+        if value not in self.caches:
+            first = op.Slice(value, op.Constant(value_ints=[0]), op.Constant(value_ints=[half]), op.Constant(value_ints=[-1]))
+            self.caches[value] = op.Reshape(first, op.Constant(value_ints=[-1, half]))
+        return self.caches[value]
+
+    def cleanup(self):
+        self.caches.clear()
+
+
+def _heads_unsqueezed(value: ir.Value) -> ir.Value | None:
+    """The [1, T, D] tensor that `value` is Unsqueeze(., axis 1) of, else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Unsqueeze" or node.domain not in ("", "ai.onnx"):
+        return None
+    return node.inputs[0] if _ir_utils.is_singleton_value(node.inputs[1], 1) else None
+
+
+_rotary_embeddings = pattern.RewriteRuleSet([RotaryEmbeddingFusion.rule()])
+
+
+def fuse_rotary_embeddings(model: ir.Model) -> int:
+    """Rewrite `model` in place; returns how many rotary embeddings were fused."""
+    fused = _rotary_embeddings.apply_to_model(model)
+    if fused:
+        onnxscript.optimizer.remove_unused_nodes(model)  # the Unsqueezes the fused pairs shared
+    return fused
 
 
 def fuse_sibling_matmuls(model: onnx.ModelProto) -> int:

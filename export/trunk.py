@@ -40,7 +40,7 @@ from .attention import NAME as GROUPED_ATTENTION
 from .attention import ONNX_TRANSLATIONS, RealComplex, deferred_cache, real_rotary
 from .checkpoint import StreamedModel
 from .families import Family
-from .fusion import fuse_rms_norms, fuse_sibling_matmuls
+from .fusion import fuse_rms_norms, fuse_rotary_embeddings, fuse_sibling_matmuls
 from .quantize import fake_quantize_linears, head_linears, layer_linears, quantize_graph_matmuls
 from .stamping import make_template, structure_key
 
@@ -198,7 +198,8 @@ def kv_shapes(layer_graph: LayerGraph, hidden, cos, sin) -> list[list[int]]:
 
 
 def trace_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes) -> onnx.ModelProto:
-    """torch.onnx dynamo export of one wrapper module, its RMS norms fused (see fusion.py)."""
+    """torch.onnx dynamo export of one wrapper module, its RMS norms and rotary embeddings fused
+    (see fusion.py)."""
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -207,6 +208,7 @@ def trace_graph(module: nn.Module, args: tuple, input_names, output_names, dynam
             custom_translation_table=ONNX_TRANSLATIONS,
         )
     fuse_rms_norms(program.model)
+    fuse_rotary_embeddings(program.model)
     return program.model_proto
 
 

@@ -72,6 +72,28 @@ def test_trunk_layers_come_out_fused(family, exported):
         assert "Split" in ops, (layer.file, ops)
 
 
+# Families whose rotary embedding is not transformers' rotate_half form: GPT-OSS splits the
+# halves itself, DeepSeek-V3 and ERNIE 4.5 rotate interleaved pairs, DeepSeek-V2 and Llama 4 are
+# complex (in real arithmetic, attention.real_rotary).
+UNFUSED_ROTARY = {"gpt_oss", "deepseek_v3", "ernie4_5_moe", "deepseek_v2", "llama4_text"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotate_half_rotary_comes_out_as_one_node_for_queries_and_keys(family, exported):
+    """x * cos + rotate_half(x) * sin became one RotaryEmbedding each for the queries and keys
+    (fusion.RotaryEmbeddingFusion), none of its Negs left, in every layer of families that rotate
+    halves, and in the draft's; the package still reproduces the model
+    (test_package_reproduces_model_logits)."""
+    manifest = load_manifest(exported(family).output)
+    expected = {layer.file: 0 if family in UNFUSED_ROTARY else 2 for layer in manifest.target.layers}
+    expected |= {layer.file: 2 for layer in manifest.draft.layers}
+    for file, rotary_nodes in expected.items():
+        ops = [node.op_type for node in onnx.load(manifest.root / file, load_external_data=False).graph.node]
+        assert ops.count("RotaryEmbedding") == rotary_nodes, (file, ops)
+        if rotary_nodes:
+            assert "Neg" not in ops, (file, ops)
+
+
 # Families whose layers cannot attend in one GroupQueryAttention node: attention sinks (eager) and
 # multi-head latent attention (a key and value cache of different shapes).
 UNFUSED_ATTENTION = {"gpt_oss", "deepseek_v3", "deepseek_v2"}
