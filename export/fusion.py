@@ -30,8 +30,8 @@ from collections import defaultdict
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxscript.optimizer
 from onnx import helper, numpy_helper
+from onnxscript.ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
 from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
@@ -128,7 +128,8 @@ def fuse_rotary_embeddings(model: ir.Model) -> int:
     """Rewrite `model` in place; returns how many rotary embeddings were fused."""
     fused = _rotary_embeddings.apply_to_model(model)
     if fused:
-        onnxscript.optimizer.remove_unused_nodes(model)  # the Unsqueezes the fused pairs shared
+        RemoveUnusedNodesPass()(model)  # the Unsqueezes the fused pairs shared
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)  # as torch.onnx leaves them
     return fused
 
 

@@ -81,7 +81,7 @@ UNFUSED_ROTARY = {"gpt_oss", "deepseek_v3", "ernie4_5_moe", "deepseek_v2", "llam
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rotate_half_rotary_comes_out_as_one_node_for_queries_and_keys(family, exported):
     """x * cos + rotate_half(x) * sin became one RotaryEmbedding each for the queries and keys
-    (fusion.RotaryEmbeddingFusion), none of its Negs left, in every layer of families that rotate
+    (fusion.RotaryEmbeddingFusion), none of its Negs left and its constants initializers, in every layer of families that rotate
     halves, and in the draft's; the package still reproduces the model
     (test_package_reproduces_model_logits)."""
     manifest = load_manifest(exported(family).output)
@@ -91,7 +91,7 @@ def test_rotate_half_rotary_comes_out_as_one_node_for_queries_and_keys(family, e
         ops = [node.op_type for node in onnx.load(manifest.root / file, load_external_data=False).graph.node]
         assert ops.count("RotaryEmbedding") == rotary_nodes, (file, ops)
         if rotary_nodes:
-            assert "Neg" not in ops, (file, ops)
+            assert "Neg" not in ops and "Constant" not in ops, (file, ops)
 
 
 # Families whose layers cannot attend in one GroupQueryAttention node: attention sinks (eager) and
