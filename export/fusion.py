@@ -105,7 +105,8 @@ class RotaryEmbeddingFusion(pattern.RewriteRuleClassBase):
 
     def _half(self, op, value, half: int):
         if value not in self.caches:
-            first = op.Slice(value, op.Constant(value_ints=[0]), op.Constant(value_ints=[half]), op.Constant(value_ints=[-1]))
+            starts, ends, axes = (op.Constant(value_ints=[index]) for index in (0, half, -1))
+            first = op.Slice(value, starts, ends, axes)
             self.caches[value] = op.Reshape(first, op.Constant(value_ints=[-1, half]))
         return self.caches[value]
 

@@ -81,9 +81,9 @@ UNFUSED_ROTARY = {"gpt_oss", "deepseek_v3", "ernie4_5_moe", "deepseek_v2", "llam
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rotate_half_rotary_comes_out_as_one_node_for_queries_and_keys(family, exported):
     """x * cos + rotate_half(x) * sin became one RotaryEmbedding each for the queries and keys
-    (fusion.RotaryEmbeddingFusion), none of its Negs left and its constants initializers, in every layer of families that rotate
-    halves, and in the draft's; the package still reproduces the model
-    (test_package_reproduces_model_logits)."""
+    (fusion.RotaryEmbeddingFusion), none of its Negs left and its constants initializers, in
+    every layer of families that rotate halves, and in the draft's; the package still reproduces
+    the model (test_package_reproduces_model_logits)."""
     manifest = load_manifest(exported(family).output)
     expected = {layer.file: 0 if family in UNFUSED_ROTARY else 2 for layer in manifest.target.layers}
     expected |= {layer.file: 2 for layer in manifest.draft.layers}
