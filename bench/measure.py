@@ -38,6 +38,7 @@ def generate_all(runtime, texts: list[str], speculative: bool, max_new_tokens: i
         "bytes_read": paging.storage_bytes_read if paging else 0,
         "stall_seconds": paging.stall_seconds if paging else 0.0,
         "read_seconds": paging.read_seconds if paging else 0.0,
+        "busy_seconds": paging.busy_seconds if paging else 0.0,
         "issued": paging.prefetch_issued if paging else 0, "used": paging.prefetch_used if paging else 0,
         "dropped": paging.prefetch_dropped if paging else 0,
         "proposed": stats.decode.proposed, "accepted": stats.decode.accepted,

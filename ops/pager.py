@@ -61,6 +61,7 @@ class PagedExperts:
         self.counts = np.zeros((max(self.moe_layers) + 1, self.num_experts), dtype=np.int64)
         self.routing_totals = np.zeros_like(self.counts)
         self.readers = ReadPool(READ_THREADS, "spac-read")
+        self.reads_in_flight, self.busy_since = 0, 0.0  # for the storage's busy time (PagingStats)
         if policy == "static":
             self.host.fill_static(lambda layer, expert: self.kernel.prepare(self.files.read(layer, expert)),
                                   frequencies, self.moe_layers, self.num_experts)
@@ -245,12 +246,23 @@ class PagedExperts:
         return self.kernel.prepare(self._read(layer, expert))
 
     def _read(self, layer: int, expert: int) -> dict:
-        started = time.perf_counter()
-        weights = self.files.read(layer, expert)
+        with self.host.lock:
+            started = time.perf_counter()
+            self.reads_in_flight += 1
+            if self.reads_in_flight == 1:
+                self.busy_since = started
+        try:
+            weights = self.files.read(layer, expert)
+        finally:
+            with self.host.lock:
+                ended = time.perf_counter()
+                self.reads_in_flight -= 1
+                if not self.reads_in_flight:  # the storage goes idle: its busy stretch ends
+                    self.stats.paging.busy_seconds += ended - self.busy_since
         with self.host.lock:
             self.stats.paging.storage_reads += 1
             self.stats.paging.storage_bytes_read += self.expert_bytes
-            self.stats.paging.read_seconds += time.perf_counter() - started
+            self.stats.paging.read_seconds += ended - started
         return weights
 
     def _utility(self, key) -> float:

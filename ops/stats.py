@@ -25,6 +25,7 @@ class PagingStats:
     prefetch_dropped: int = 0
     stall_seconds: float = 0.0
     read_seconds: float = 0.0  # storage reads' own durations, summed over the threads that read
+    busy_seconds: float = 0.0  # wall time with at least one storage read in flight
     device_hits: int = 0
     device_fetches: int = 0
     device_bytes_copied: int = 0
@@ -38,7 +39,7 @@ class PagingStats:
                                  "bytes_copied": self.device_bytes_copied},
                       "host": {"hits": self.host_hits, "misses": self.host_misses},
                       "storage": {"reads": self.storage_reads, "bytes_read": self.storage_bytes_read,
-                                  "read_seconds": self.read_seconds}},
+                                  "read_seconds": self.read_seconds, "busy_seconds": self.busy_seconds}},
             "expert_hit_rate": self.host_hits / lookups if lookups else 1.0,
             "bytes_paged": self.storage_bytes_read,
             "prefetch": {"issued": self.prefetch_issued, "used": self.prefetch_used,

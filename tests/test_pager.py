@@ -453,6 +453,27 @@ def test_storage_reads_hit_the_files(policy, package, monkeypatch):
     assert stats["tiers"]["storage"]["bytes_read"] == misses * bytes_per_expert == sum(map(len, preads))
 
 
+def test_storage_busy_time_counts_overlapping_reads_once(package, monkeypatch):
+    """Reads made slow on purpose (a fault injected: 30 ms each) overlap on the reader threads:
+    the storage's busy time is their union, less than their summed durations, and within the
+    generation's wall time."""
+    read = ExpertFiles.read
+
+    def slow_read(files, layer, expert):
+        time.sleep(0.03)
+        return read(files, layer, expert)
+
+    monkeypatch.setattr(ExpertFiles, "read", slow_read)
+    with Runtime(package(), draft_len=DRAFT_LEN, policy="lru", host_budget=0.25) as runtime:
+        started = time.perf_counter()
+        stats = runtime.generate(PROMPT, max_new_tokens=NEW_TOKENS).stats.experts.paging
+        wall = time.perf_counter() - started
+    assert stats.storage_reads > 0
+    assert 0.03 <= stats.busy_seconds < stats.read_seconds  # a layer's misses were read at once
+    assert stats.busy_seconds <= wall
+    assert stats.storage_reads * 0.03 <= stats.read_seconds
+
+
 def spac_run(*args) -> subprocess.CompletedProcess:
     script = Path(sys.executable).parent / "spac-run"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "spac.runtime.cli"]
