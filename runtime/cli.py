@@ -64,8 +64,10 @@ def parse_args(argv):
     parser.add_argument("--draft-len", type=integer(0, MAX_DRAFT_LEN), default=None,
                         help="γ, draft tokens per round, 0 = no drafting (default: profile's)")
     parser.add_argument("--draft", choices=DRAFT_MODES, default=None,
-                        help="what drafts: the package's draft 'model', the target 'self' with the experts it holds, "
-                             "or 'none' (default: model if the package has one, else none)")
+                        help="what drafts: the package's draft 'model', the target 'self' (from the package's draft "
+                             "copies of its experts, else with the experts it holds), or 'none' (default: model if "
+                             "the package has one; else self where it has draft copies and its experts are paged "
+                             "without --memory-limit; else none)")
     parser.add_argument("--no-speculative", dest="speculative", action="store_false",
                         help="plain decoding with the target only")
     parser.add_argument("--providers", default=None,

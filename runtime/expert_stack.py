@@ -46,6 +46,23 @@ def verify_trunk(manifest: Manifest) -> None:
             verify_file(manifest, name)
 
 
+def host_budget_bytes(manifest: Manifest, profile: Profile, host_budget: float | int | None) -> int | None:
+    """The host cache's budget in expert bytes as stored: `host_budget` (a fraction of the
+    expert bytes, or bytes), else the profile's; None: no limit."""
+    total = manifest.expert_bytes_total()
+    if host_budget is None:
+        return profile.budget_bytes("host", total, manifest.trunk_bytes())
+    if isinstance(host_budget, float):
+        return int(host_budget * total)
+    return int(host_budget)
+
+
+def pages_on_host(manifest: Manifest, profile: Profile, host_budget: float | int | None) -> bool:
+    """Whether the host budget holds fewer than all of the experts, so that some are read from storage."""
+    budget = host_budget_bytes(manifest, profile, host_budget)
+    return budget is not None and budget < manifest.expert_bytes_total()
+
+
 def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory,
                   options: ExpertOptions = ExpertOptions()) -> Experts:
     """Every expert resident when the host budget holds them all and there is no device tier to
@@ -53,12 +70,7 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
     the sha256 of the expert data it loads now (paged expert files are checked as they are first
     read); every other file was checked by verify_trunk before anything loaded."""
     total = manifest.expert_bytes_total()
-    if options.host_budget is None:
-        budget = profile.budget_bytes("host", total, manifest.trunk_bytes())
-    elif isinstance(options.host_budget, float):
-        budget = int(options.host_budget * total)
-    else:
-        budget = int(options.host_budget)
+    budget = host_budget_bytes(manifest, profile, options.host_budget)
     device_tier = options.device_tier or ("cuda" if options.provider == "cuda" else None)
     paged = device_tier is not None or (budget is not None and budget < total)
     if not paged:

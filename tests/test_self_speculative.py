@@ -224,6 +224,36 @@ def test_a_memory_limit_the_draft_copies_would_not_fit_is_refused_before_they_lo
     assert "draft copies" not in str(refused.value)
 
 
+@pytest.fixture(scope="module")
+def copies_without_draft(model_pair, tmp_path_factory):
+    """A target exported with int4 draft copies of its experts and no draft model."""
+    model_dir, _ = model_pair(NO_DRAFT_FAMILY)
+    output = tmp_path_factory.mktemp("copies-no-draft") / "package"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export_cli.main([str(model_dir), "-o", str(output), "--draft-experts", "int4", "--quiet"]) == 0
+    return output
+
+
+def test_default_draft_is_self_only_where_it_was_measured_to_pay(copies_without_draft, no_draft_export, exported,
+                                                                   reference):
+    """Without a draft model: self SD from the copies where experts are paged and no memory limit
+    takes the copies' room from the cache; none with every expert resident, under a memory
+    limit, or without copies. A package's draft model stays the default where it has one."""
+    ids, expected = reference(NO_DRAFT_FAMILY)
+    with Runtime(copies_without_draft, draft_len=4, host_budget=0.25, policy="spac") as runtime:
+        assert runtime.draft_mode == "self" and runtime.draft_copies is not None
+        result = runtime.generate(ids, max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == expected and result.stats.decode.rounds > 0
+    with Runtime(copies_without_draft, draft_len=4, host_budget=1.0) as runtime:
+        assert runtime.draft_mode == "none" and runtime.draft_copies is None
+    with Runtime(copies_without_draft, draft_len=4, memory_limit=4 << 30) as runtime:
+        assert runtime.draft_mode == "none" and runtime.draft_copies is None
+    with Runtime(no_draft_export[0], draft_len=4, host_budget=0.25) as runtime:
+        assert runtime.draft_mode == "none"
+    with Runtime(exported(NO_DRAFT_FAMILY, draft_experts="int4").output, host_budget=0.25) as runtime:
+        assert runtime.draft_mode == "model"
+
+
 def test_draft_copies_are_loaded_only_to_self_draft(exported):
     package = exported(NO_DRAFT_FAMILY, draft_experts="int4").output
     with Runtime(package, draft="none", host_budget=0.25, policy="lru") as runtime:
