@@ -62,7 +62,8 @@ def parse_args(argv):
     parser.add_argument("--stop", action="append", type=utf8_text, default=None,
                         help="stop at this string (repeatable)")
     parser.add_argument("--draft-len", type=integer(0, MAX_DRAFT_LEN), default=None,
-                        help="γ, draft tokens per round, 0 = no drafting (default: profile's)")
+                        help="γ, draft tokens per round, 0 = no drafting (default: the profile's draft_len, or its "
+                             "self_draft_len with --draft self)")
     parser.add_argument("--draft", choices=DRAFT_MODES, default=None,
                         help="what drafts: the package's draft 'model', the target 'self' (from the package's draft "
                              "copies of its experts, else with the experts it holds), or 'none' (default: model if "

@@ -199,7 +199,8 @@ def show(profile: Profile, expert_bytes: int | None, total_expert_bytes: int | N
         lines.append(text)
     if mb and profile.has_gpu:
         lines.append(f"  fetching one expert: {profile.transfer_ms(expert_bytes):.3f} ms")
-    lines += [f"  threads: {profile.threads}, draft_len (γ): {profile.draft_len}, "
+    lines += [f"  threads: {profile.threads}, draft_len (γ): {profile.draft_len} (self-drafting: "
+              f"{profile.self_draft_len}), "
               f"policy: {profile.policy}, estimator: {profile.estimator}",
               f"  balancer: {profile.balancer.solver}, {profile.balancer.time_limit_ms:g} ms "
               "per round" + ("" if profile.has_gpu else " (unused: no GPU)")]

@@ -133,11 +133,13 @@ class Runtime:
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
-        self.draft_len = self.profile.draft_len if draft_len is None else draft_len
-        if self.draft_len < 0:
-            raise ValueError(f"draft_len must be >= 0, got {self.draft_len}")
         self.draft_mode = choose_draft(self.manifest, draft, pages_on_host(self.manifest, self.profile, host_budget),
                                        memory_limited=memory_limit is not None)
+        if draft_len is None:
+            draft_len = self.profile.self_draft_len if self.draft_mode == "self" else self.profile.draft_len
+        if draft_len < 0:
+            raise ValueError(f"draft_len must be >= 0, got {draft_len}")
+        self.draft_len = draft_len
         if not 0.0 <= min_draft_confidence <= 1.0:
             raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
         self.min_draft_confidence = min_draft_confidence

@@ -14,6 +14,7 @@ all of them see the same machine):
   self SD (drop)    the same, leaving a missing expert out instead of substituting it
   self SD (copies)  the target drafting from int4 copies of every expert, held beside the host
                     cache (a second export with spac-export --draft-experts int4; `spac`)
+  ... γ8            the same at the profile's self_draft_len (8) instead of --draft-len
   ... c0.5          draft or self SD whose rounds stop drafting after a token the draft gave
                     less than 50 % (Runtime(min_draft_confidence=0.5))
 At 100 % every expert is resident (no pager): the policy does not matter there.
@@ -43,8 +44,10 @@ sys.path.insert(0, str(HERE))
 
 from bench_paging import PAGE_CACHE, REPO, TRAINED, export  # noqa: E402
 from spac.bench.prompts import PAGING_MODULES, function_openings, warmup_prompt  # noqa: E402
+from spac.runtime.profile import SELF_DRAFT_LEN  # noqa: E402
 
 COPIES = "self SD (copies)"  # runs on the package with draft copies of its experts
+COPIES_SELF_LEN = f"{COPIES} γ{SELF_DRAFT_LEN}"  # the same at the profile's self_draft_len
 CONFIDENCE = 0.5  # the adaptive contenders stop drafting after a token the draft gave less than this
 # name -> Runtime options; "policy" None means the budget's default (resident at 100 %)
 CONTENDERS = {
@@ -56,6 +59,7 @@ CONTENDERS = {
     f"self SD c{CONFIDENCE}": dict(draft="self", policy="spac", min_draft_confidence=CONFIDENCE),
     "self SD (drop)": dict(draft="self", policy="spac", substitute=False),
     COPIES: dict(draft="self", policy="spac"),
+    COPIES_SELF_LEN: dict(draft="self", policy="spac", draft_len=None),  # None: the profile's self_draft_len
 }
 PROMPT_COUNT = 3
 
@@ -84,8 +88,9 @@ def run(packages: dict, texts: list[str], warmup: str, args, budget: float, name
     if budget >= 1.0:
         options.pop("policy")
     runtime_args = dict(host_budget=budget) if budget < 1.0 else {}
-    package = packages["copies" if name == COPIES else "plain"]
-    with Runtime(package, draft_len=args.draft_len, threads=args.threads, **options, **runtime_args) as runtime:
+    package = packages["copies" if name.startswith(COPIES) else "plain"]
+    draft_len = options.pop("draft_len", args.draft_len)
+    with Runtime(package, draft_len=draft_len, threads=args.threads, **options, **runtime_args) as runtime:
         if runtime.draft_mode == "self":
             runtime.draft.experts.substitute = substitute
         runtime.generate(warmup, max_new_tokens=8)  # ORT warm-up, first reads

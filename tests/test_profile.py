@@ -61,7 +61,7 @@ def test_unknown_name_lists_the_available_ones():
 def test_cpu_only_profile():
     p = load_profile("cpu-only")
     assert [s.name for s in p.providers] == ["cpu"]
-    assert (p.policy, p.draft_len, p.threads) == ("spac", 4, 2)
+    assert (p.policy, p.draft_len, p.self_draft_len, p.threads) == ("spac", 4, 8, 2)
     assert p.budget_bytes("host", 10_000) == 10_000  # 100 %
     assert p.budget_bytes("device", 10_000) == 0  # no device tier
 
@@ -89,6 +89,7 @@ def test_expert_time_and_transfer():
     ("links.pcie_gbps", 16, ["links.pcie_gbps", "unknown key", "host_to_device_gbps"]),
     ("threads", "four", ["threads", "expected an integer"]),
     ("draft_len", 2.5, ["draft_len", "expected an integer"]),
+    ("self_draft_len", 0, ["self_draft_len", "≥"]),
     ("budgets.host", -5, ["budgets.host", "negative"]),
     ("budgets.device", "-1GiB", ["budgets.device", "negative"]),
     ("budgets.device", "lots", ["budgets.device", "8GiB", "17%"]),
@@ -204,6 +205,7 @@ def assert_one_short_line(error: ProfileError) -> None:
 @pytest.mark.parametrize("path, value, words", [
     ("threads", 100000, ["threads", "≤"]),
     ("draft_len", 10**6, ["draft_len", "≤"]),
+    ("self_draft_len", 10**6, ["self_draft_len", "≤"]),
     ("links.storage_to_host_gbps", float("nan"), ["links.storage_to_host_gbps", "finite"]),
     ("links.host_to_device_gbps", float("inf"), ["links.host_to_device_gbps", "finite"]),
     ("links.host_to_device_gbps", 10**400, ["links.host_to_device_gbps", "≤"]),

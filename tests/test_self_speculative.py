@@ -237,13 +237,18 @@ def copies_without_draft(model_pair, tmp_path_factory):
 def test_default_draft_is_self_only_where_it_was_measured_to_pay(copies_without_draft, no_draft_export, exported,
                                                                    reference):
     """Without a draft model: self SD from the copies where experts are paged and no memory limit
-    takes the copies' room from the cache; none with every expert resident, under a memory
-    limit, or without copies. A package's draft model stays the default where it has one."""
+    takes the copies' room from the cache, with the profile's self_draft_len; none with every
+    expert resident, under a memory limit, or without copies. A package's draft model stays the
+    default where it has one, with the profile's draft_len."""
     ids, expected = reference(NO_DRAFT_FAMILY)
-    with Runtime(copies_without_draft, draft_len=4, host_budget=0.25, policy="spac") as runtime:
+    with Runtime(copies_without_draft, host_budget=0.25, policy="spac") as runtime:
         assert runtime.draft_mode == "self" and runtime.draft_copies is not None
+        assert runtime.draft_len == runtime.profile.self_draft_len != runtime.profile.draft_len
         result = runtime.generate(ids, max_new_tokens=NEW_TOKENS)
     assert result.token_ids == expected and result.stats.decode.rounds > 0
+    assert result.stats.draft_len == runtime.profile.self_draft_len
+    with Runtime(copies_without_draft, draft_len=3, host_budget=0.25) as runtime:
+        assert runtime.draft_mode == "self" and runtime.draft_len == 3
     with Runtime(copies_without_draft, draft_len=4, host_budget=1.0) as runtime:
         assert runtime.draft_mode == "none" and runtime.draft_copies is None
     with Runtime(copies_without_draft, draft_len=4, memory_limit=4 << 30) as runtime:
@@ -251,7 +256,7 @@ def test_default_draft_is_self_only_where_it_was_measured_to_pay(copies_without_
     with Runtime(no_draft_export[0], draft_len=4, host_budget=0.25) as runtime:
         assert runtime.draft_mode == "none"
     with Runtime(exported(NO_DRAFT_FAMILY, draft_experts="int4").output, host_budget=0.25) as runtime:
-        assert runtime.draft_mode == "model"
+        assert runtime.draft_mode == "model" and runtime.draft_len == runtime.profile.draft_len
 
 
 def test_draft_copies_are_loaded_only_to_self_draft(exported):
