@@ -11,12 +11,13 @@ experts) each contender runs in a fresh process inside its own cgroup-v1 memory 
 (scripts/memory_cap.py), after the page cache was dropped: llama.cpp (the same fp32 weights as
 GGUF, mmap, greedy), spac `lru` without speculative decoding, `static` + SD, `spac` + SD (with
 the package's draft model), and where the package has draft copies of its experts (spac-export
---draft-experts int4) `spac` + self SD, which holds them inside the same cap. The spac runs
-size their host cache with `--memory-limit auto`, i.e. from the cap itself. Every spac run's greedy tokens are checked
-against transformers' `generate` on MODEL_DIR. A package with quantized experts (spac-export
---experts int4|int8) is measured against llama.cpp's type of the same bits (Q4_0, Q8_0, from
-its llama-quantize), and its runs' tokens are checked against the same package with every
-expert resident (quantized tokens are not transformers'; how far they agree is reported).
+--draft-experts int4) `spac` + self SD at the profile's self_draft_len, which holds them inside
+the same cap. The spac runs size their host cache with `--memory-limit auto`, i.e. from the cap
+itself. Every spac run's greedy tokens are checked against transformers' `generate` on
+MODEL_DIR. A package with quantized experts (spac-export --experts int4|int8) is measured
+against llama.cpp's type of the same bits (Q4_0, Q8_0, from its llama-quantize), and its runs'
+tokens are checked against the same package with every expert resident (quantized tokens are
+not transformers'; how far they agree is reported).
 
 The storage-bound limit of a run: Belady's MIN over the routing that run recorded (every pass,
 SD verify passes included) with a cache of the run's size gives the bytes per generated token
@@ -63,8 +64,8 @@ CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads w
     "spac+SD": (dict(policy="spac", direct_io=True), True),
     "spac+SD+lookahead": (dict(policy="spac", direct_io=True, layer_lookahead=True), True),
     # the target drafting for itself from the package's int4 copies of its experts (spac-export
-    # --draft-experts): run only where the package has them
-    SELF: (dict(policy="spac", direct_io=True, draft="self"), True),
+    # --draft-experts), at the profile's self_draft_len: run only where the package has them
+    SELF: (dict(policy="spac", direct_io=True, draft="self", draft_len=None), True),
 }
 LLAMA = "llama.cpp (mmap)"
 LLAMA_BINARIES = ("llama-simple", "llama-bench")
@@ -137,9 +138,11 @@ def worker(config: dict) -> dict:
     from spac.runtime import Runtime
 
     frequencies = np.asarray(config["static_frequencies"]) if config.get("static_frequencies") else None
-    with Runtime(config["package"], draft_len=config["draft_len"], threads=config["threads"],
+    options = dict(config["options"])
+    draft_len = options.pop("draft_len", config["draft_len"])  # None: the profile's for the draft mode
+    with Runtime(config["package"], draft_len=draft_len, threads=config["threads"],
                  static_frequencies=frequencies, memory_limit=config.get("memory_limit"),
-                 host_budget=config.get("host_budget"), **config["options"]) as runtime:
+                 host_budget=config.get("host_budget"), **options) as runtime:
         speculative = config["speculative"]
         runtime.generate("def f(x):", max_new_tokens=4, speculative=speculative)  # ORT warm-up
         routing, counts = [], None
