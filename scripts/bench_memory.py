@@ -2,7 +2,7 @@
 """A model larger than memory: spac's pager against llama.cpp's mmap under the same real cgroup
 memory caps, with the storage-bound limit each run could reach.
 
-    python scripts/bench_memory.py --package PKG --model MODEL_DIR [--caps 0.3,0.45,0.6]
+    python scripts/bench_memory.py --package PKG --model MODEL_DIR [--caps 0.3,0.45,0.6] [--repeats 1]
         [--llama-cpp DIR | $SPAC_LLAMA_CPP] [--out results/bench_memory.json]
 
 PKG is the spac package of MODEL_DIR (the memory testbed: scripts/make_testbed.py, then
@@ -85,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llama-tokens", type=int, default=16, help="tokens llama.cpp generates (it is slow here)")
     p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="runs of every contender per cap, in a rotated order")
     add_llama_cpp_argument(p, "llama-simple or llama-bench")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spac-bench-memory",
                    help="scratch folder (the GGUF conversion is cached here)")
@@ -350,29 +351,52 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_run(name: str, cap: int, base: dict, reference, resident, bandwidth, expert_bytes: int) -> dict:
+    """One spac contender in its cap, with its lossless check and storage bound."""
+    options, speculative = CONTENDERS[name]
+    config = {**base, "options": options, "speculative": speculative, "memory_limit": "auto",
+              "static_frequencies": resident["static_frequencies"] if options["policy"] == "static" else None}
+    run = run_capped(cap, config)
+    if "failed" not in run:
+        run["lossless"] = run.pop("token_ids") == reference
+        run["bound"] = storage_bound(run, expert_bytes, bandwidth["gb_per_second"] * 1e9,
+                                     1.0 / resident["end_to_end_tokens_per_second"])
+        if run.get("busy_seconds"):  # what the storage delivered while reads were in flight
+            run["read_gb_per_second"] = run["bytes_read"] / run["busy_seconds"] / 1e9
+            run["storage_busy"] = run["busy_seconds"] / run["seconds"]
+        run.pop("routing")
+        run.pop("static_frequencies", None)
+    return run
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median decode speed, with every repeat's speed beside it (a failed run: the first)."""
+    done = sorted((run for run in runs if "tokens_per_second" in run), key=lambda run: run["tokens_per_second"])
+    if not done:
+        return runs[0]
+    return {**done[(len(done) - 1) // 2], "tokens_per_second_each": [run.get("tokens_per_second") for run in runs]}
+
+
 def measure_cap(args, fraction: float, package_bytes: int, base: dict, reference, resident, bandwidth,
                 expert_bytes: int, gguf, copies: bool) -> dict:
+    """Every contender at one cap, `args.repeats` times in a rotated order (the storage's speed
+    drifts over minutes on a shared machine), each reported by its median run."""
     cap = int(fraction * package_bytes)
-    runs = {}
-    if gguf is not None:
-        runs[LLAMA] = run_llama(args, gguf, cap, base["prompts"][0])
-    for name, (options, speculative) in CONTENDERS.items():
-        if name == SELF and not copies:
-            continue
-        config = {**base, "options": options, "speculative": speculative, "memory_limit": "auto",
-                  "static_frequencies": resident["static_frequencies"] if options["policy"] == "static" else None}
-        run = run_capped(cap, config)
-        if "failed" not in run:
-            run["lossless"] = run.pop("token_ids") == reference
-            run["bound"] = storage_bound(run, expert_bytes, bandwidth["gb_per_second"] * 1e9,
-                                         1.0 / resident["end_to_end_tokens_per_second"])
-            if run.get("busy_seconds"):  # what the storage delivered while reads were in flight
-                run["read_gb_per_second"] = run["bytes_read"] / run["busy_seconds"] / 1e9
-                run["storage_busy"] = run["busy_seconds"] / run["seconds"]
-            run.pop("routing")
-            run.pop("static_frequencies", None)
-        runs[name] = run
-        print(f"  cap {fraction:.0%} {name}: {run.get('tokens_per_second', run.get('failed'))}", flush=True)
+    names = ([LLAMA] if gguf is not None else []) + [name for name in CONTENDERS if name != SELF or copies]
+    measured = {name: [] for name in names}
+    refused = set()  # refused the cap itself (MemoryLimitError): it would be again on every repeat
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            if name in refused:
+                continue
+            run = (run_llama(args, gguf, cap, base["prompts"][0]) if name == LLAMA else
+                   measure_run(name, cap, base, reference, resident, bandwidth, expert_bytes))
+            measured[name].append(run)
+            print(f"  cap {fraction:.0%} {name}: {run.get('tokens_per_second', run.get('failed'))}", flush=True)
+            if "MemoryLimitError" in run.get("failed", ""):
+                refused.add(name)
+    runs = {name: median_run(measured[name]) for name in names}
     speed = {name: run.get("tokens_per_second") for name, run in runs.items()}
     ratios = {f"{compared}/{name}": speed[compared] / value for compared in COMPARED if speed.get(compared)
               for name, value in speed.items() if value and name != compared}
@@ -438,7 +462,8 @@ def main(argv=None) -> int:
                             copies)
         entry["raw_reads"] = raw
         entry["settings"] = {k: base[k] for k in ("draft_len", "threads", "max_new_tokens")} | {
-            "prompts": len(prompts), "llama_tokens": args.llama_tokens, "llama_gguf": gguf and gguf.name} | checks
+            "prompts": len(prompts), "llama_tokens": args.llama_tokens, "llama_gguf": gguf and gguf.name,
+            "repeats": args.repeats} | checks
         report = merge(args.out, f"{fraction:g}", entry)
     plot(report, args.out.with_suffix(".png"))
     print(table(report))

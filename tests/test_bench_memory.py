@@ -95,3 +95,12 @@ def test_a_cached_gguf_belongs_to_the_model_it_was_converted_from(tmp_path):
     before = gguf_convert.gguf_path(narrow, work)
     (narrow / "model.safetensors").write_bytes(b"y" * 10)  # the model was remade
     assert gguf_convert.gguf_path(narrow, work) != before
+
+
+def test_a_contender_is_reported_by_its_median_run():
+    runs = [{"tokens_per_second": 3.0, "hits": 1}, {"failed": "exit 1"}, {"tokens_per_second": 1.0, "hits": 2},
+            {"tokens_per_second": 2.0, "hits": 3}]
+    median = bench_memory.median_run(runs)
+    assert median["hits"] == 3 and median["tokens_per_second"] == 2.0
+    assert median["tokens_per_second_each"] == [3.0, None, 1.0, 2.0]
+    assert bench_memory.median_run([{"failed": "refused"}]) == {"failed": "refused"}
