@@ -72,9 +72,10 @@ def choose_draft(manifest, draft: str | None, pages: bool = False, memory_limite
     has one; else self-drafting where it was measured to pay: from the package's draft copies of
     its experts, with experts read from storage (`pages`) and no memory limit, which would take
     the copies' room from the host cache; else none. (Measured, README's results: from copies at
-    host budgets of 17-45 % self SD decoded 1.02-1.78x the target alone; with every expert
-    resident 0.62-0.88x; under a memory cap that holds the copies 0.75-0.77x the draft model;
-    without copies it was slower than the target alone at every budget.)"""
+    host budgets of 17-45 % self SD decoded 1.02-1.78x the target alone at γ 4, 1.81-2.02x at
+    25 % and γ 8; with every expert resident 0.62-0.88x; under a memory cap that holds the
+    copies too, 0.85-0.97x the target alone; without copies it was slower than the target alone
+    at every budget.)"""
     if draft is None:
         if manifest.draft is not None:
             return "model"
