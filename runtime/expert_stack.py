@@ -57,9 +57,9 @@ def host_budget_bytes(manifest: Manifest, profile: Profile, host_budget: float |
     return int(host_budget)
 
 
-def pages_on_host(manifest: Manifest, profile: Profile, host_budget: float | int | None) -> bool:
-    """Whether the host budget holds fewer than all of the experts, so that some are read from storage."""
-    budget = host_budget_bytes(manifest, profile, host_budget)
+def pages_on_host(manifest: Manifest, budget: int | None) -> bool:
+    """Whether a host budget of `budget` bytes (None: no limit) holds fewer than all of the
+    experts, so that some are read from storage."""
     return budget is not None and budget < manifest.expert_bytes_total()
 
 
@@ -72,7 +72,7 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
     total = manifest.expert_bytes_total()
     budget = host_budget_bytes(manifest, profile, options.host_budget)
     device_tier = options.device_tier or ("cuda" if options.provider == "cuda" else None)
-    paged = device_tier is not None or (budget is not None and budget < total)
+    paged = device_tier is not None or pages_on_host(manifest, budget)
     if not paged:
         return _resident(manifest, sessions, options.provider)
     moe = manifest.target

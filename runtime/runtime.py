@@ -24,8 +24,8 @@ from spac.ops.stats import DraftExpertStats
 from spac.ops.sessions import SessionFactory, cuda_available
 
 from .chat import chat_prompt
-from .expert_stack import (ExpertOptions, build_draft_copies, build_experts, draft_copies_bytes, pages_on_host,
-                           verify_trunk)
+from .expert_stack import (ExpertOptions, build_draft_copies, build_experts, draft_copies_bytes, host_budget_bytes,
+                           pages_on_host, verify_trunk)
 from .manifest import load_manifest
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit, return_freed_buffers_to_the_kernel
 from .model import ModelRunner
@@ -134,8 +134,8 @@ class Runtime:
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
-        self.draft_mode = choose_draft(self.manifest, draft, pages_on_host(self.manifest, self.profile, host_budget),
-                                       memory_limited=memory_limit is not None)
+        pages = pages_on_host(self.manifest, host_budget_bytes(self.manifest, self.profile, host_budget))
+        self.draft_mode = choose_draft(self.manifest, draft, pages, memory_limited=memory_limit is not None)
         if draft_len is None:
             draft_len = self.profile.self_draft_len if self.draft_mode == "self" else self.profile.draft_len
         if draft_len < 0:
