@@ -178,3 +178,42 @@ def test_manifest_refuses_a_bad_quantization_field(exported, tmp_path, change, m
     with pytest.raises(ManifestError) as error:
         load_manifest(package)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# A block (32 inputs, one output column) of scripts/bench_runtime.py's random-weight model
+# whose one-pass int4 asymmetric quantization is not idempotent: its dequantized values span
+# [-6, 8] scales, so quantizing them again picks another scale.
+NOT_IDEMPOTENT_BLOCK = [
+    -0.0004195947549305856, 0.02962987683713436, 0.007097422145307064, 0.004489425104111433, 0.01605422981083393,
+    -0.008527474477887154, 0.004117510747164488, -0.011018886230885983, 0.00938402209430933, 0.016479117795825005,
+    0.0021435117814689875, 0.00030274916207417846, 0.004436280578374863, 0.02981957420706749, -0.024237001314759254,
+    -0.01753108575940132, 0.016240768134593964, -0.0027948899660259485, 0.012805956415832043, -0.014559377916157246,
+    0.03169453516602516, 0.004885408561676741, -0.01078919880092144, -0.0021817032247781754, -0.009760051965713501,
+    0.012237378396093845, -0.004287038929760456, 0.00902602169662714, 0.017972422763705254, 0.020094558596611023,
+    0.03135867789387703, -0.003020708216354251]
+
+
+def test_a_trunk_weight_whose_quantization_is_not_idempotent_is_still_stored_as_matmulnbits():
+    """Fake quantization must leave a trunk weight where writing its graph finds it on the grid
+    again; else the projection stays a float32 MatMul (4-8x the bytes a token reads), as the
+    fused QKV of one layer of the int4 benchmark package did."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spac.export.quantize import dequantize, fake_quantize_, quantize_graph_matmuls
+    from spac.ops.quantization import BlockQuantization
+
+    quantization = BlockQuantization(4, 32, symmetric=False)
+    columns = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32) * 0.02
+    linear = torch.tensor(np.vstack([columns, np.float32(NOT_IDEMPOTENT_BLOCK)]))  # nn.Linear layout [N, K]
+    fake_quantize_(linear, -1, quantization, "k_proj.weight")
+    weight = linear.numpy().T.copy()  # x @ W
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="k_proj")], "projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_graph_matmuls(model, quantization) == 1
+    assert [node.op_type for node in model.graph.node] == ["MatMulNBits"]
+    parts = {tensor.name.rsplit(".", 1)[1]: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    np.testing.assert_allclose(dequantize(parts, quantization), weight, rtol=0, atol=1e-6 * np.abs(weight).max())
