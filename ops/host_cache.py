@@ -9,6 +9,11 @@ Policies:
           lower utility give way to experts of higher utility (the prefetcher brings them while
           the draft runs). The slots of the layer being computed are frozen and a layer just
           computed becomes evict-first.
+
+A miss that `lru` or `spac` will keep gets its slot before it is read (`make_room`): the victim
+goes first, so the read's bytes take the victim's memory rather than a buffer of their own, and
+the memory limit counts fewer read buffers (spac.ops.pager.PagedExperts.read_buffers). The
+prefetcher's reads take theirs the same way (`reserve`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class HostCache:
         self.slots: OrderedDict[tuple[int, int], Slot] = OrderedDict()  # LRU order for `lru`
         self.lock = threading.Lock()
         self.in_flight: dict[tuple[int, int], threading.Event] = {}  # being read by the prefetcher
+        self.rooms: set[tuple[int, int]] = set()  # slots given to reads under way; counted in the capacity
 
     def __contains__(self, key) -> bool:
         with self.lock:
@@ -90,44 +96,73 @@ class HostCache:
         return slot.weights
 
     def victim(self, utility: float, frozen_layer: int):
-        """The slot to give up for an expert of `utility`, or None. lru: the least recently used.
-        Otherwise the lowest utility below `utility`, layers computed this pass first, never a
-        slot of the layer being computed."""
+        """The slot to give up for an expert of `utility`, or None; never a slot of the layer
+        being computed (its weights may still be in use). lru: the least recently used.
+        Otherwise the lowest utility below `utility`, layers computed this pass first."""
         if self.policy == "lru":
-            return next(iter(self.slots), None)
+            return next((key for key in self.slots if key[0] != frozen_layer), None)
         computed = self.position.computed
         candidates = [(key[0] not in computed, slot.utility, key) for key, slot in self.slots.items()
                       if key[0] != frozen_layer and slot.utility < utility]
         return min(candidates)[2] if candidates else None
 
     def admit(self, key, weights, utility: float, prefetched: bool = False) -> bool:
-        """Put weights in the cache if the policy lets them in; False when they were not kept."""
+        """Put weights in the cache (into the room make_room gave them, or in place of a victim)
+        if the policy lets them in; False when they were not kept."""
         if self.policy == "static" or self.capacity == 0:
             return False
         with self.lock:
             if key in self.slots:
+                self.rooms.discard(key)
                 return True
-            if len(self.slots) >= self.capacity:
-                victim = self.victim(utility if self.policy == "spac" else np.inf, self.position.layer)
-                if victim is None:
-                    return False
-                del self.slots[victim]
+            if key not in self.rooms and not self._make_room(utility):
+                return False
+            self.rooms.discard(key)
             self.slots[key] = Slot(weights, utility, prefetched)
         return True
 
-    def reserve(self, key, utility: float) -> bool:
-        """Mark `key` as being read for the cache, unless it is there, on its way, or outranks
-        no slot; True when the caller should read it (and then `release` it)."""
+    def make_room(self, key, utility: float) -> bool:
+        """Give `key` a slot before it is read, evicting the victim now; False (nothing done)
+        when the policy would not keep it, or it is cached or has its room already. The caller
+        then admits it, or gives the room up (give_up_room) if the read fails."""
+        if self.policy == "static" or self.capacity == 0:
+            return False
         with self.lock:
-            if key in self.slots or key in self.in_flight:
+            if key in self.slots or key in self.rooms or not self._make_room(utility):
                 return False
-            if len(self.slots) >= self.capacity and self.victim(utility, self.position.layer) is None:
-                return False  # nothing cached is worth less than this expert
+            self.rooms.add(key)
+        return True
+
+    def _make_room(self, utility: float) -> bool:
+        """Free a slot for an expert of `utility` if none is free (under the lock)."""
+        if len(self.slots) + len(self.rooms) < self.capacity:
+            return True
+        victim = self.victim(utility if self.policy == "spac" else np.inf, self.position.layer)
+        if victim is None:
+            return False
+        del self.slots[victim]
+        return True
+
+    def give_up_room(self, key) -> None:
+        with self.lock:
+            self.rooms.discard(key)
+
+    def reserve(self, key, utility: float) -> bool:
+        """Mark `key` as being read for the cache, its room made (make_room), unless it is there,
+        on its way, or outranks no slot; True when the caller should read it (and then `release` it)."""
+        with self.lock:
+            if key in self.in_flight:
+                return False
+        if not self.make_room(key, utility):
+            return False  # cached, or nothing cached is worth less than this expert
+        with self.lock:
             self.in_flight[key] = threading.Event()
         return True
 
     def release(self, key) -> None:
+        """The prefetcher's read of `key` is over (admitted, or failed: its room is given up)."""
         with self.lock:
+            self.rooms.discard(key)
             self.in_flight.pop(key).set()
 
     def set_utilities(self, utilities: np.ndarray) -> None:

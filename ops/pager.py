@@ -26,6 +26,12 @@ from .stats import ExpertStats, PagingStats
 from .storage import ExpertFiles
 
 READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants several in flight)
+# A miss the cache will keep (lru, spac) is read into the room its victim left (HostCache.make_room);
+# one it will not keep (static's, spac's below every slot) needs a buffer of its own, and only
+# this many of those are read ahead of the one computed. At a 45 % memory cap on the memory
+# testbed, four such buffers more took five of eighteen cache slots, and spac+SD decoded
+# 8.1 against 10.5 tok/s with them back (bench_memory's worker, two rounds each).
+OUTSIDE_READS_AHEAD = 1
 # A read ahead of a prepared expert holds its session (see experts.cached_expert_bytes)
 # and creating it is CPU work, which the cores bound rather than the storage queue.
 PREPARED_READS_AHEAD = 2
@@ -54,7 +60,9 @@ class PagedExperts:
         self.capacity = max(0, budget_bytes // self.expert_bytes)  # slots
         self.files = ExpertFiles(manifest, verify, reader)
         self.kernel = ExpertKernel(manifest, sessions, prepared=device is None)
-        self.reads_ahead = self.misses_read_ahead(self.kernel.prepared_graph is not None)
+        prepared = self.kernel.prepared_graph is not None
+        self.reads_ahead = self.misses_read_ahead(prepared)
+        self.outside_ahead = self.outside_reads_ahead(policy, prepared)
         self.stats = ExpertStats(paging=PagingStats())
         self.position = PassPosition()
         self.host = HostCache(policy, self.capacity, self.position, self.stats.paging)
@@ -77,13 +85,19 @@ class PagedExperts:
         return PREPARED_READS_AHEAD if prepared else READ_THREADS
 
     @staticmethod
-    def read_buffers(manifest, prepared: bool) -> int:
-        """The most experts in flight or held outside the cache at once: a layer's reads ahead,
-        the one being computed, the prefetcher's; each as the kernel holds it (`prepared`: as a
-        session), and the sessions being created. A self-draft computes from the cache only
-        and adds none."""
-        in_flight = PagedExperts.misses_read_ahead(prepared) + 2
-        return in_flight * cached_expert_bytes(manifest, prepared) + preparing_bytes(manifest, prepared)
+    def outside_reads_ahead(policy: str, prepared: bool) -> int:
+        """How many misses without a room in the cache are read ahead of the one computed:
+        static keeps none of its misses, so all of its reads ahead are outside."""
+        return PagedExperts.misses_read_ahead(prepared) if policy == "static" else OUTSIDE_READS_AHEAD
+
+    @staticmethod
+    def read_buffers(manifest, prepared: bool, policy: str) -> int:
+        """The most experts held outside the cache's slots at once: the misses without a room
+        read ahead and the one being computed (a miss with a room, and every prefetch, is read
+        into a slot); each as the kernel holds it (`prepared`: as a session), and the sessions
+        being created. A self-draft computes from the cache only and adds none."""
+        outside = PagedExperts.outside_reads_ahead(policy, prepared) + 1
+        return outside * cached_expert_bytes(manifest, prepared) + preparing_bytes(manifest, prepared)
 
     def reset_stats(self) -> None:
         self.stats = ExpertStats(paging=PagingStats())
@@ -133,10 +147,12 @@ class PagedExperts:
             if weights[expert] is None:
                 paging.host_misses += 1
                 misses.append(expert)
-        # At most reads_ahead misses are read ahead of the one being computed, and a miss the
-        # cache does not keep is dropped once computed: a layer's misses never all sit in RAM
-        # at once (the memory limit counts reads_ahead + 1 of them, see read_buffers).
-        reads = {expert: self.readers.submit(self._fetch, layer, expert) for expert in misses[:self.reads_ahead]}
+        # At most reads_ahead misses are read ahead of the one being computed, into the rooms
+        # their victims leave; of those without a room only outside_ahead, and a miss the cache
+        # does not keep is dropped once computed (the memory limit counts those, see read_buffers).
+        reads, rooms = {}, set()
+        for expert in misses[:self.reads_ahead]:
+            self._read_ahead(layer, expert, reads, rooms)
         outputs = {}
         for expert, (rows, _) in groups.items():
             if expert in gpu:
@@ -145,18 +161,23 @@ class PagedExperts:
                 outputs[expert] = (self.kernel.run(x[rows], weights[expert]), "cpu")
                 if not plan:  # a miss may evict it (lru): then this reference alone would keep it
                     weights[expert] = None
-        for index, expert in enumerate(misses):
-            started = time.perf_counter()
-            buffer = result(reads.pop(expert), self.files.path(layer, expert))
-            paging.stall_seconds += time.perf_counter() - started
-            if index + self.reads_ahead < len(misses):
-                following = misses[index + self.reads_ahead]
-                reads[following] = self.readers.submit(self._fetch, layer, following)
-            self._admit((layer, expert), buffer)
-            outputs[expert] = (self.kernel.run(x[groups[expert][0]], buffer), "cpu")
-            # Only the device plan needs the weights again; holding a kept miss would outlive its
-            # slot when a later miss of this layer evicts it (lru), past what read_buffers counts.
-            weights[expert] = buffer if plan else None
+        try:
+            for index, expert in enumerate(misses):
+                started = time.perf_counter()
+                read = reads.pop(expert, None) or self.readers.submit(self._fetch, layer, expert)
+                buffer = result(read, self.files.path(layer, expert))
+                paging.stall_seconds += time.perf_counter() - started
+                if index + self.reads_ahead < len(misses):
+                    self._read_ahead(layer, misses[index + self.reads_ahead], reads, rooms)
+                self._admit((layer, expert), buffer)
+                rooms.discard(expert)
+                outputs[expert] = (self.kernel.run(x[groups[expert][0]], buffer), "cpu")
+                # Only the device plan needs the weights again; holding a kept miss would outlive its
+                # slot when a later miss of this layer evicts it (lru), past what read_buffers counts.
+                weights[expert] = buffer if plan else None
+        finally:  # a failed read leaves the rooms of the misses not yet admitted: give them back
+            for expert in rooms:
+                self.host.give_up_room((layer, expert))
         out = np.zeros_like(x)
         for expert, (rows, slots) in groups.items():  # ascending expert order, as transformers sums
             y, provider = outputs[expert]
@@ -167,6 +188,16 @@ class PagedExperts:
             self._prefetch_to_device(layer, plan.prefetch, weights)
         self.position.computed.add(layer)  # evict-first from now until the next round's utilities
         return out
+
+    def _read_ahead(self, layer: int, expert: int, reads: dict, rooms: set) -> None:
+        """Start reading a miss ahead of its turn: into a room the cache makes for it, else into
+        a buffer of its own while fewer than outside_ahead such reads are under way (else it is
+        read at its turn)."""
+        if self.host.make_room((layer, expert), self._utility((layer, expert))):
+            rooms.add(expert)
+        elif len(reads) - len(rooms & reads.keys()) >= self.outside_ahead:
+            return
+        reads[expert] = self.readers.submit(self._fetch, layer, expert)
 
     def _score_guesses(self, layer: int, routed: set[int]) -> None:
         for expert in self.layer_lookahead.score(layer, routed) - routed:

@@ -37,12 +37,18 @@ class ReadPool:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
-            future, read, args = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(read(*args))
-                except BaseException as error:  # the caller's result() raises it
-                    future.set_exception(error)
+            self._run(*job)
+            # An idle reader must not keep its last read's future, hence the expert's buffer,
+            # alive: four idle readers held four buffers the memory limit does not count.
+            job = None
+
+    @staticmethod
+    def _run(future: Future, read, args) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(read(*args))
+            except BaseException as error:  # the caller's result() raises it
+                future.set_exception(error)
 
     def close(self) -> None:
         """Ask every reader to stop once its current read ends; never waits for a stuck one."""

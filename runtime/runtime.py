@@ -164,11 +164,11 @@ class Runtime:
         # would not fit is refused first, from their expected size).
         copies = self.draft_mode == "self" and self.manifest.target.draft_experts is not None
         if copies and limit is not None:
-            self._plan_memory(limit, device_tier is not None, loading=draft_copies_bytes(self.manifest))
+            self._plan_memory(limit, device_tier is not None, policy, loading=draft_copies_bytes(self.manifest))
         self.draft_copies = build_draft_copies(self.manifest, self.sessions, self.provider) if copies else None
         self.memory = None
         if limit is not None:
-            self.memory = self._plan_memory(limit, device_tier is not None)
+            self.memory = self._plan_memory(limit, device_tier is not None, policy)
             # The pager counts its budget in expert bytes as stored; the plan, in slots as held.
             host_budget = self.memory.cache_slots * self.manifest.target.experts.bytes_per_expert
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
@@ -186,15 +186,17 @@ class Runtime:
         self._lock = threading.Lock()
         self._generating_thread: int | None = None
 
-    def _plan_memory(self, limit: int, device_tier: bool, loading: int = 0) -> MemoryPlan:
+    def _plan_memory(self, limit: int, device_tier: bool, policy: str | None, loading: int = 0) -> MemoryPlan:
         """The host cache's share of `limit` once the loaded trunk and draft model, the KV caches
-        (a self-draft writes into the target's own) and the read buffers are counted, each
-        expert as the pager will hold it (block-quantized ones on the CPU: as sessions)."""
+        (a self-draft writes into the target's own) and the read buffers `policy` (None: the
+        profile's) needs are counted, each expert as the pager will hold it (block-quantized
+        ones on the CPU: as sessions)."""
         itemsize = np.dtype(self.target.dtype).itemsize
         sections = (self.manifest.target, self.manifest.draft if self.draft_mode == "model" else None)
         kv = sum(kv_cache_bytes(section, self.context, itemsize) for section in sections if section is not None)
         prepared = prepares_sessions(self.manifest, self.provider, device_tier)
-        plan = plan_memory(limit, kv, PagedExperts.read_buffers(self.manifest, prepared),
+        buffers = PagedExperts.read_buffers(self.manifest, prepared, policy or self.profile.policy)
+        plan = plan_memory(limit, kv, buffers,
                            cached_expert_bytes(self.manifest, prepared), loading)
         log.info("memory limit %.0f MB: %s", limit / 1e6, plan.as_dict())
         return plan

@@ -269,19 +269,20 @@ def test_slots_of_the_layer_being_computed_are_frozen(package, monkeypatch):
     assert set(pager.host.slots) == {(0, 0), (0, 1), (0, 6), (1, 7)}
 
 
+@pytest.mark.parametrize("slots", [1, 3])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_expert_buffers_held_in_a_layer_stay_within_the_memory_plan(policy, package, monkeypatch):
-    """A layer whose tokens route to every expert, one cache slot: at any expert call the
-    buffers alive are at most the cache's plus the reads ahead plus the one computed, what
-    spac.runtime.memory budgets (PagedExperts.read_buffers). lru used to keep each admitted
-    miss referenced until the layer ended, though the next miss had evicted it."""
+def test_expert_buffers_held_in_a_layer_stay_within_the_memory_plan(policy, slots, package, monkeypatch):
+    """A layer whose tokens route to every expert: at any expert call the buffers alive are at
+    most the cache's slots plus the misses read ahead without a room plus the one computed,
+    what spac.runtime.memory budgets (PagedExperts.read_buffers). A miss the cache keeps is read
+    into the room its victim left; before, every read ahead held a buffer beside the full cache
+    (slots + 4 + 1), and each idle reader thread kept its last read alive. lru also used to keep
+    each admitted miss referenced until the layer ended."""
     import weakref
-
-    from spac.ops import pager as pager_module
 
     manifest = load_manifest(package())
     utilities = FixedUtilities(manifest)
-    pager = PagedExperts(manifest, SessionFactory(1), manifest.target.experts.bytes_per_expert, policy,
+    pager = PagedExperts(manifest, SessionFactory(1), slots * manifest.target.experts.bytes_per_expert, policy,
                          utilities if policy == "spac" else None)
     pager.stop_prefetching()
     alive, most = [], [0]
@@ -301,9 +302,42 @@ def test_expert_buffers_held_in_a_layer_stay_within_the_memory_plan(policy, pack
     experts = manifest.target.dims["num_experts"]
     try:
         run_layer(pager, 0, *[(e, (e + 1) % experts) for e in range(0, experts, 2)])
+        run_layer(pager, 1, *[(e, (e + 1) % experts) for e in range(0, experts, 2)])
     finally:
         pager.close()
-    assert 0 < most[0] <= pager.capacity + pager_module.READ_THREADS + 1
+    outside = PagedExperts.outside_reads_ahead(policy, prepared=False) + 1
+    assert 0 < most[0] <= pager.capacity + outside, (most[0], pager.capacity, outside)
+    assert len(pager.host.slots) <= pager.capacity and not pager.host.rooms
+
+
+def test_a_kept_miss_takes_its_victims_slot_before_it_is_read():
+    """make_room evicts the victim when the read starts, and its room counts in the capacity
+    until the read is admitted into it (or given up); static keeps no miss and spac none worth
+    less than every slot, so those get no room and evict nothing."""
+    from spac.ops.host_cache import HostCache, PassPosition, Slot
+    from spac.ops.stats import PagingStats
+
+    def full_cache(policy: str) -> HostCache:
+        cache = HostCache(policy, 2, PassPosition(layer=5), PagingStats())
+        for expert, utility in ((0, 1.0), (1, 2.0)):
+            cache.slots[(0, expert)] = Slot({"w": expert}, utility)
+        return cache
+
+    cache = full_cache("lru")
+    assert cache.make_room((0, 7), 0.0) and set(cache.slots) == {(0, 1)}  # the least recently used went now
+    assert cache.make_room((0, 8), 0.0) and not cache.slots
+    assert not cache.make_room((0, 9), 0.0)  # every slot is a room: the read needs a buffer of its own
+    assert cache.admit((0, 7), {"w": 7}, 0.0) and cache.rooms == {(0, 8)} and set(cache.slots) == {(0, 7)}
+    cache.give_up_room((0, 8))  # its read failed
+    assert cache.make_room((0, 9), 0.0) and set(cache.slots) == {(0, 7)}
+
+    cache = full_cache("spac")
+    assert not cache.make_room((0, 7), 0.5) and len(cache.slots) == 2  # outranks no slot: kept out
+    assert cache.make_room((0, 7), 1.5) and set(cache.slots) == {(0, 1)}  # the weakest went
+    assert not full_cache("static").make_room((0, 7), 9.0)
+    layer_computed = full_cache("lru")
+    layer_computed.position.layer = 0  # the slots' layer is being computed: none may go
+    assert not layer_computed.make_room((0, 7), 0.0) and len(layer_computed.slots) == 2
 
 
 def test_a_layer_just_computed_is_evicted_first(package):
