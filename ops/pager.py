@@ -29,8 +29,9 @@ READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants sev
 # A miss the cache will keep (lru, spac) is read into the room its victim left (HostCache.make_room);
 # one it will not keep (static's, spac's below every slot) needs a buffer of its own, and only
 # this many of those are read ahead of the one computed. At a 45 % memory cap on the memory
-# testbed, four such buffers more took five of eighteen cache slots, and spac+SD decoded
-# 8.1 against 10.5 tok/s with them back (bench_memory's worker, two rounds each).
+# testbed (bench_memory's worker, 2 interleaved rounds each) lru then holds 16 cache slots
+# instead of 13; spac+SD decoded 7.55 / 7.60 / 7.27 tok/s with 1 / 2 / 3 of them (17 / 16 / 15
+# slots): its extra hits were paid for by fewer reads in flight.
 OUTSIDE_READS_AHEAD = 1
 # A read ahead of a prepared expert holds its session (see experts.cached_expert_bytes)
 # and creating it is CPU work, which the cores bound rather than the storage queue.
