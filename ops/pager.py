@@ -26,12 +26,13 @@ from .stats import ExpertStats, PagingStats
 from .storage import ExpertFiles
 
 READ_THREADS = 4  # parallel storage reads of one layer's misses (NVMe wants several in flight)
-# A miss the cache will keep (lru, spac) is read into the room its victim left (HostCache.make_room);
-# one it will not keep (static's, spac's below every slot) needs a buffer of its own, and only
-# this many of those are read ahead of the one computed. At a 45 % memory cap on the memory
-# testbed (bench_memory's worker, 2 interleaved rounds each) lru then holds 16 cache slots
-# instead of 13; spac+SD decoded 7.55 / 7.60 / 7.27 tok/s with 1 / 2 / 3 of them (17 / 16 / 15
-# slots): its extra hits were paid for by fewer reads in flight.
+# A miss the cache will keep is read into the room its victim left (HostCache.make_room); one
+# it will not keep needs a buffer of its own. lru keeps every miss, so only one that finds no
+# victim reads without a room, and only this many of those are read ahead of the one computed.
+# static keeps none and spac few (a miss must outrank a slot): theirs read ahead as many as any
+# miss. At a 45 % cap on the memory testbed (bench_memory's worker) lru then holds 16 cache
+# slots instead of 13; spac+SD with 1 / 2 / 4 such reads ahead (17 / 16 / 14 slots) decoded
+# 7.36 / 7.65 / 8.34 tok/s, its storage reading 1.20 / 1.54 / 2.37 experts at a time.
 OUTSIDE_READS_AHEAD = 1
 # A read ahead of a prepared expert holds its session (see experts.cached_expert_bytes)
 # and creating it is CPU work, which the cores bound rather than the storage queue.
@@ -87,9 +88,9 @@ class PagedExperts:
 
     @staticmethod
     def outside_reads_ahead(policy: str, prepared: bool) -> int:
-        """How many misses without a room in the cache are read ahead of the one computed:
-        static keeps none of its misses, so all of its reads ahead are outside."""
-        return PagedExperts.misses_read_ahead(prepared) if policy == "static" else OUTSIDE_READS_AHEAD
+        """How many misses without a room in the cache are read ahead of the one computed (see
+        OUTSIDE_READS_AHEAD)."""
+        return OUTSIDE_READS_AHEAD if policy == "lru" else PagedExperts.misses_read_ahead(prepared)
 
     @staticmethod
     def read_buffers(manifest, prepared: bool, policy: str) -> int:
