@@ -107,12 +107,18 @@ def test_strict_cuda_without_cuda(package):
     assert done.returncode == 0 and "CUDA" in done.stderr and "CPU" in done.stderr
 
 
+def default_sigint() -> None:
+    """A child's SIGINT as a terminal's: a shell without job control starts background commands
+    with it ignored, which Python then keeps, and Ctrl-C would do nothing (Popen's preexec_fn)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_partial_text_and_exits_130(package, python_result):
     full = python_result[240]
     assert len(full.token_ids) >= 150  # long enough that the interrupt lands mid-generation
     process = subprocess.Popen([*spac_run_command(), "--package", str(package), "--prompt", PROMPT,
                                 "--max-new-tokens", "240"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     try:
         # Wait for the first streamed bytes: generation is under way, the handler is Python's.
         ready, _, _ = select.select([process.stdout], [], [], 120)

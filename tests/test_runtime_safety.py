@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli_run import default_sigint
 
 from spac.runtime import ExpertFileError, PackageFileError, Runtime
 
@@ -212,7 +213,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_ctrl_c_ends_spac_run_during_a_hung_read(package):
     process = subprocess.Popen([sys.executable, "-c", STUCK_READ, "--package", str(package), "--host-budget", "0",
                                 "--prompt", "hello", "--max-new-tokens", "4"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         assert "reading" in process.stderr.readline()  # the runtime has loaded and a read hangs
         process.send_signal(signal.SIGINT)
