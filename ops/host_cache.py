@@ -115,7 +115,7 @@ class HostCache:
             if key in self.slots:
                 self.rooms.discard(key)
                 return True
-            if key not in self.rooms and not self._make_room(utility):
+            if key not in self.rooms and not self._free_slot(utility):
                 return False
             self.rooms.discard(key)
             self.slots[key] = Slot(weights, utility, prefetched)
@@ -125,15 +125,18 @@ class HostCache:
         """Give `key` a slot before it is read, evicting the victim now; False (nothing done)
         when the policy would not keep it, or it is cached or has its room already. The caller
         then admits it, or gives the room up (give_up_room) if the read fails."""
-        if self.policy == "static" or self.capacity == 0:
-            return False
         with self.lock:
-            if key in self.slots or key in self.rooms or not self._make_room(utility):
-                return False
-            self.rooms.add(key)
+            return self._give_room(key, utility)
+
+    def _give_room(self, key, utility: float) -> bool:
+        """make_room under the lock."""
+        if (self.policy == "static" or self.capacity == 0 or key in self.slots or key in self.rooms
+                or not self._free_slot(utility)):
+            return False
+        self.rooms.add(key)
         return True
 
-    def _make_room(self, utility: float) -> bool:
+    def _free_slot(self, utility: float) -> bool:
         """Free a slot for an expert of `utility` if none is free (under the lock)."""
         if len(self.slots) + len(self.rooms) < self.capacity:
             return True
@@ -151,11 +154,8 @@ class HostCache:
         """Mark `key` as being read for the cache, its room made (make_room), unless it is there,
         on its way, or outranks no slot; True when the caller should read it (and then `release` it)."""
         with self.lock:
-            if key in self.in_flight:
-                return False
-        if not self.make_room(key, utility):
-            return False  # cached, or nothing cached is worth less than this expert
-        with self.lock:
+            if key in self.in_flight or not self._give_room(key, utility):
+                return False  # on its way, cached, or nothing cached is worth less than this expert
             self.in_flight[key] = threading.Event()
         return True
 
