@@ -26,9 +26,10 @@ Graphs and their interfaces (batch is always 1; T new tokens, P cached positions
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
-from contextlib import nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import onnx
 import torch
@@ -197,15 +198,47 @@ def kv_shapes(layer_graph: LayerGraph, hidden, cos, sin) -> list[list[int]]:
     return [[1, t.shape[1], 0, t.shape[3]] for t in recorder.present]
 
 
+try:  # torch.onnx's own (private) registry of op translations: see one_translation_registry
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+    BUILD_REGISTRY = ONNXRegistry.from_torchlib
+except ImportError:  # another torch: every export builds its own, as torch.onnx does by itself
+    ONNXRegistry = BUILD_REGISTRY = None
+
+
+@functools.cache
+def translation_registry(opset_version: int):
+    """torchlib's op translations and ours (ONNX_TRANSLATIONS), built once a process."""
+    registry = BUILD_REGISTRY(opset_version=opset_version)
+    for op, translation in ONNX_TRANSLATIONS.items():
+        registry.register_op(op, translation, is_complex=False)
+    return registry
+
+
+@contextmanager
+def one_translation_registry():
+    """torch.onnx.export rebuilds onnxscript's registry of op translations on every call: about
+    1.3 s of CPU on 2 cores, a third of the export of a small model, whose package is a few
+    traced graphs. Inside this block every export is handed the one translation_registry (the
+    exporter reads it and never changes it)."""
+    own = ONNXRegistry.__dict__["from_torchlib"]
+    ONNXRegistry.from_torchlib = classmethod(lambda cls, opset_version: translation_registry(opset_version))
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = own
+
+
 def trace_graph(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes) -> onnx.ModelProto:
     """torch.onnx dynamo export of one wrapper module, its RMS norms and rotary embeddings fused
     (see fusion.py)."""
-    with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+    shared = ONNXRegistry is not None
+    with (torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()),
+          one_translation_registry() if shared else nullcontext()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
-            custom_translation_table=ONNX_TRANSLATIONS,
+            custom_translation_table=None if shared else ONNX_TRANSLATIONS,
         )
     fuse_rms_norms(program.model)
     fuse_rotary_embeddings(program.model)
