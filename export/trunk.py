@@ -242,7 +242,21 @@ def trace_graph(module: nn.Module, args: tuple, input_names, output_names, dynam
         )
     fuse_rms_norms(program.model)
     fuse_rotary_embeddings(program.model)
-    return program.model_proto
+    model = program.model_proto
+    drop_exporter_metadata(model)
+    return model
+
+
+def drop_exporter_metadata(model: onnx.ModelProto) -> None:
+    """torch.onnx keeps its bookkeeping in the graph: per node the Python stack that made it (file
+    paths of the exporting machine), module and FX names, per value its original name. Nothing
+    reads it, and a package handed to someone else should not tell where its exporter's files
+    live."""
+    graph = model.graph
+    for item in (model, graph, *graph.node, *graph.value_info, *graph.input, *graph.output, *graph.initializer):
+        del item.metadata_props[:]
+    for node in graph.node:
+        node.doc_string = ""
 
 
 def save_graph(model: onnx.ModelProto, path, quantization=None) -> None:

@@ -125,6 +125,19 @@ def test_float16_layers_keep_the_eager_attention(exported):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_graphs_tell_nothing_of_the_exporting_machine(family, exported):
+    """torch.onnx writes each node's Python stack (this machine's file paths) into the graph; a
+    package may be handed to strangers, so none of that may stay in it."""
+    machine_paths = [str(Path(package.__file__).resolve().parent), sysconfig.get_paths()["purelib"]]
+    output = Path(exported(family).output)
+    for graph in output.rglob("*.onnx"):
+        data = graph.read_bytes()
+        assert not any(path.encode() in data for path in machine_paths), graph.relative_to(output)
+        model = onnx.load(graph, load_external_data=False)
+        assert not any(node.metadata_props for node in model.graph.node), graph.relative_to(output)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_package_files_match_manifest(family, exported):
     manifest = load_manifest(exported(family).output)
     target, experts = manifest.target, manifest.target.experts
