@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
+from pathlib import Path
 
 from spac.ops.host_cache import POLICIES
 
@@ -13,7 +15,10 @@ from .arguments import Parser, integer, number, utf8_text
 from .estimator import ESTIMATORS
 from .logs import add_logging_flags, setup_logging
 from .profile import MAX_DRAFT_LEN, ProfileError, excerpt, parse_budget, parse_bytes
+from .routing import RoutingCounts, load_routing
 from .speculative import DRAFT_MODES
+
+log = logging.getLogger("spac")
 
 DESCRIPTION = """\
 Generate text from a package made by spac-export. The draft proposes --draft-len tokens per
@@ -80,6 +85,9 @@ def parse_args(argv):
                              "decoding on the CPU; 'per-session': a pool per session, for callers of main() "
                              "that run other ORT sessions in their process (default: global for the spac-run "
                              "command, per-session for main())")
+    parser.add_argument("--save-routing", metavar="FILE", default=None,
+                        help="add the experts this run's target routed to FILE's counts (made if absent), for a "
+                             "later run's --routing")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
     add_logging_flags(parser)
     args = parser.parse_args(argv)
@@ -99,6 +107,9 @@ def add_expert_cache_flags(parser: argparse.ArgumentParser) -> None:
                              "package (default: profile's)")
     parser.add_argument("--estimator", choices=tuple(ESTIMATORS), default=None,
                         help="utility estimator of the spac policy (default: profile's)")
+    parser.add_argument("--routing", metavar="FILE", default=None,
+                        help="routing counts an earlier run wrote (spac-run --save-routing): the static policy "
+                             "keeps the most routed experts resident; sets --policy static")
     parser.add_argument("--memory-limit", type=parse_memory_limit, default=None,
                         help="bytes the whole process may use ('700MB', '2GiB', bytes) or 'auto' (the memory "
                              "cgroup's limit, else MemAvailable); sizes the host expert cache to fit, "
@@ -114,7 +125,12 @@ def add_expert_cache_flags(parser: argparse.ArgumentParser) -> None:
 
 def expert_cache_options(args: argparse.Namespace) -> dict:
     """The Runtime's keyword arguments from add_expert_cache_flags' flags."""
-    return dict(policy=args.policy, host_budget=args.host_budget, estimator=args.estimator,
+    policy = args.policy
+    if args.routing is not None:
+        if policy not in (None, "static"):
+            raise ValueError(f"--routing gives the static policy its resident set; --policy {policy} does not use it")
+        policy = "static"
+    return dict(policy=policy, host_budget=args.host_budget, estimator=args.estimator, static_frequencies=args.routing,
                 memory_limit=args.memory_limit, direct_io=args.direct_io, layer_lookahead=args.layer_lookahead)
 
 
@@ -163,7 +179,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     setup_logging("spac-run", args)
     from spac.ops.storage import PackageFileError
 
-    from .runtime import GenerationError, Runtime
+    from .runtime import Runtime
 
     providers = args.providers.split(",") if args.providers else None
     try:
@@ -175,6 +191,25 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         return 2
     except KeyboardInterrupt:  # while loading: nothing generated yet
         return 130
+    try:
+        routing = RoutingRecord(runtime, args.save_routing) if args.save_routing else None
+    except ValueError as error:
+        print(f"spac-run: error: {error}", file=sys.stderr)
+        runtime.close()
+        return 2
+    code = generate(runtime, args)
+    if routing is not None and not routing.save():
+        code = code or 2
+    runtime.close()
+    return code
+
+
+def generate(runtime, args: argparse.Namespace) -> int:
+    """The prompt's (or the interactive session's) text and stats, printed; the exit code."""
+    from spac.ops.storage import PackageFileError
+
+    from .runtime import GenerationError
+
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop=args.stop, speculative=args.speculative, top_k=args.top_k, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
@@ -192,7 +227,6 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     except (GenerationError, PackageFileError, ValueError, TypeError) as error:
         # A package file found bad while paging (changed, unreadable, hung) ends the run too.
         print(f"spac-run: error: {error}", file=sys.stderr)
-        runtime.close()
         return 2
     except KeyboardInterrupt:
         # The interrupt may land outside the generator (here, while printing): close it so its
@@ -212,7 +246,6 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         if result.interrupted:
             print("[spac] interrupted", file=sys.stderr)
         print(stats_line(result.stats.as_dict()), file=sys.stderr)
-    runtime.close()
     return code
 
 
@@ -223,11 +256,31 @@ def run_interactive(runtime, system: str | None, request: dict) -> int:
         print(text, end="", flush=True)
 
     session = ChatSession(runtime, system=system, **request)
-    try:
-        return interactive(session, write,
-                           on_result=lambda result: print(stats_line(result.stats.as_dict()), file=sys.stderr))
-    finally:
-        runtime.close()
+    return interactive(session, write,
+                       on_result=lambda result: print(stats_line(result.stats.as_dict()), file=sys.stderr))
+
+
+class RoutingRecord:
+    """--save-routing: the file's counts so far (read, and checked against the package, before
+    anything is generated) and what this run's target routes."""
+
+    def __init__(self, runtime, path: str):
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise ValueError(f"--save-routing {path}: the folder {self.path.parent} does not exist")
+        exists = self.path.exists() or self.path.is_symlink()
+        self.before = load_routing(self.path, runtime.manifest) if exists else RoutingCounts.empty(runtime.manifest)
+        self.counts = runtime.count_routing()
+
+    def save(self) -> bool:
+        """Whether the added counts were written (else one error line)."""
+        try:
+            self.before.merged(self.counts).save(self.path)
+        except OSError as error:
+            print(f"spac-run: error: --save-routing {self.path}: cannot be written: {error.strerror}", file=sys.stderr)
+            return False
+        log.info("routing counts of this run added to %s", self.path)
+        return True
 
 
 def command() -> None:

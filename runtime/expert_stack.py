@@ -4,6 +4,7 @@ when there is one)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -19,6 +20,8 @@ from .balancer import Balancer
 from .estimator import make_estimator
 from .manifest import Manifest, verify_file
 from .profile import Profile
+
+log = logging.getLogger("spac")
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,11 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
             slots = layers * experts if device_budget is None else device_budget // expert_bytes
         device = DeviceSlots(ExpertKernel(manifest, sessions, device_tier), slots)
         planner = Balancer(profile, layers, experts, expert_bytes)
-    return PagedExperts(manifest, sessions, total if budget is None else budget, options.policy or profile.policy,
+    policy = options.policy or profile.policy
+    if policy == "static" and options.static_frequencies is None:
+        log.warning("policy static without routing counts keeps the first experts of the first layers; record "
+                    "counts on typical text with spac-run --save-routing FILE and give them with --routing FILE")
+    return PagedExperts(manifest, sessions, total if budget is None else budget, policy,
                         make_estimator(options.estimator or profile.estimator, layers, experts),
                         options.static_frequencies, verify=lambda name, data: verify_file(manifest, name, data),
                         device=device, planner=planner, reader=DirectReader() if options.direct_io else None,

@@ -30,6 +30,7 @@ from .manifest import load_manifest
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit, return_freed_buffers_to_the_kernel
 from .model import ModelRunner
 from .profile import load_profile
+from .routing import RoutingCounts, checked_frequencies
 from .speculative import DRAFT_MODES, Decoder, Sampler
 from .stats import GenerationStats
 from .tokenizer import TextTokenizer
@@ -112,8 +113,9 @@ class Runtime:
                  draft: str | None = None, min_draft_confidence: float = 0.0,
                  memory_limit: int | str | None = None, direct_io: bool = False, layer_lookahead: bool = False):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
-        override the profile's; `static_frequencies[layer, expert]` (routing counts from an
-        earlier run) choose the `static` policy's resident set. `global_thread_pool` shares one
+        override the profile's; `static_frequencies` (routing counts from an earlier run: a file
+        that spac-run --save-routing or count_routing() wrote, or a [layer, expert] array) choose
+        the `static` policy's resident set (spac.runtime.routing). `global_thread_pool` shares one
         ORT thread pool across all sessions: faster, but every other ORT session in the process
         must then be made with use_per_session_threads=False (see spac.ops.sessions).
         `device_tier="cpu"` runs the device tier (slots, balancer plans) on the CPU EP, to
@@ -134,6 +136,7 @@ class Runtime:
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())
+        static_frequencies = checked_frequencies(static_frequencies, self.manifest)  # a bad file fails before loading
         pages = pages_on_host(self.manifest, host_budget_bytes(self.manifest, self.profile, host_budget))
         self.draft_mode = choose_draft(self.manifest, draft, pages, memory_limited=memory_limit is not None)
         if draft_len is None:
@@ -206,6 +209,13 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def count_routing(self) -> RoutingCounts:
+        """Counts, from now on, every expert the target's router picks (RoutingCounts.save writes
+        them for a later run's static policy: spac-run --save-routing)."""
+        counts = RoutingCounts.empty(self.manifest)
+        self.target.on_routing = counts.add
+        return counts
 
     def close(self) -> None:
         """Stop the prefetch worker and release the sessions and expert weights."""

@@ -149,9 +149,7 @@ def worker(config: dict) -> dict:
         routing, counts = [], None
         calibration = config.get("calibration") or []
         if calibration:
-            moe = runtime.manifest.target
-            counts = np.zeros((max(moe.moe_layers) + 1, moe.dims["num_experts"]), dtype=np.int64)
-            runtime.target.on_routing = lambda layer, ids: np.add.at(counts[layer], ids.reshape(-1), 1)
+            counts = runtime.count_routing()  # what spac-run --save-routing records
             for text in calibration:
                 runtime.generate(text, max_new_tokens=config["max_new_tokens"], speculative=speculative)
         runtime.target.on_routing = lambda layer, ids: routing.append((layer, sorted(set(ids.reshape(-1).tolist()))))
@@ -159,7 +157,7 @@ def worker(config: dict) -> dict:
         experts = runtime.experts
         every = len(runtime.manifest.target.moe_layers) * runtime.manifest.target.dims["num_experts"]
         result.update(slots=getattr(experts, "capacity", every), routing=routing,
-                      static_frequencies=None if counts is None else counts.tolist(),
+                      static_frequencies=None if counts is None else counts.counts.tolist(),
                       memory=runtime.memory.as_dict() if runtime.memory else None,
                       lookahead=(experts.layer_lookahead.as_dict()
                                  if getattr(experts, "layer_lookahead", None) else None))

@@ -101,9 +101,11 @@ def run(package: Path, texts: list[str], warmup: str, args, speculative: bool, r
 
     with Runtime(package, draft_len=args.draft_len, threads=args.threads, **runtime_args) as runtime:
         runtime.generate(warmup, max_new_tokens=8, speculative=speculative)  # ORT warm-up, first reads
-        if routing_counts is not None:
-            runtime.target.on_routing = lambda layer, ids: np.add.at(routing_counts[layer], ids.reshape(-1), 1)
-        return generate_all(runtime, texts, speculative, args.max_new_tokens)
+        counts = runtime.count_routing() if routing_counts is not None else None
+        result = generate_all(runtime, texts, speculative, args.max_new_tokens)
+        if counts is not None:
+            routing_counts += counts.counts
+        return result
 
 
 def main(argv=None) -> int:
