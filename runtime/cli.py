@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
-from pathlib import Path
 
 from spac.ops.host_cache import POLICIES
 
@@ -15,10 +13,8 @@ from .arguments import Parser, integer, number, utf8_text
 from .estimator import ESTIMATORS
 from .logs import add_logging_flags, setup_logging
 from .profile import MAX_DRAFT_LEN, ProfileError, excerpt, parse_budget, parse_bytes
-from .routing import RoutingCounts, load_routing
+from .routing import RoutingFileError, RoutingRecord
 from .speculative import DRAFT_MODES
-
-log = logging.getLogger("spac")
 
 DESCRIPTION = """\
 Generate text from a package made by spac-export. The draft proposes --draft-len tokens per
@@ -85,9 +81,6 @@ def parse_args(argv):
                              "decoding on the CPU; 'per-session': a pool per session, for callers of main() "
                              "that run other ORT sessions in their process (default: global for the spac-run "
                              "command, per-session for main())")
-    parser.add_argument("--save-routing", metavar="FILE", default=None,
-                        help="add the experts this run's target routed to FILE's counts (made if absent), for a "
-                             "later run's --routing")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
     add_logging_flags(parser)
     args = parser.parse_args(argv)
@@ -110,6 +103,9 @@ def add_expert_cache_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing", metavar="FILE", default=None,
                         help="routing counts an earlier run wrote (spac-run --save-routing): the static policy "
                              "keeps the most routed experts resident; sets --policy static")
+    parser.add_argument("--save-routing", metavar="FILE", default=None,
+                        help="add the experts the target routes (spac-serve: until it stops) to FILE's counts "
+                             "(made if absent), for a later run's --routing")
     parser.add_argument("--memory-limit", type=parse_memory_limit, default=None,
                         help="bytes the whole process may use ('700MB', '2GiB', bytes) or 'auto' (the memory "
                              "cgroup's limit, else MemAvailable); sizes the host expert cache to fit, "
@@ -198,8 +194,12 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         runtime.close()
         return 2
     code = generate(runtime, args)
-    if routing is not None and not routing.save():
-        code = code or 2
+    if routing is not None:
+        try:
+            routing.save()
+        except RoutingFileError as error:
+            print(f"spac-run: error: {error}", file=sys.stderr)
+            code = code or 2
     runtime.close()
     return code
 
@@ -258,29 +258,6 @@ def run_interactive(runtime, system: str | None, request: dict) -> int:
     session = ChatSession(runtime, system=system, **request)
     return interactive(session, write,
                        on_result=lambda result: print(stats_line(result.stats.as_dict()), file=sys.stderr))
-
-
-class RoutingRecord:
-    """--save-routing: the file's counts so far (read, and checked against the package, before
-    anything is generated) and what this run's target routes."""
-
-    def __init__(self, runtime, path: str):
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise ValueError(f"--save-routing {path}: the folder {self.path.parent} does not exist")
-        exists = self.path.exists() or self.path.is_symlink()
-        self.before = load_routing(self.path, runtime.manifest) if exists else RoutingCounts.empty(runtime.manifest)
-        self.counts = runtime.count_routing()
-
-    def save(self) -> bool:
-        """Whether the added counts were written (else one error line)."""
-        try:
-            self.before.merged(self.counts).save(self.path)
-        except OSError as error:
-            print(f"spac-run: error: --save-routing {self.path}: cannot be written: {error.strerror}", file=sys.stderr)
-            return False
-        log.info("routing counts of this run added to %s", self.path)
-        return True
 
 
 def command() -> None:

@@ -20,6 +20,7 @@ which experts stay in memory, never what is computed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from .manifest import write_atomic
 from .profile import excerpt
 
 FORMAT, VERSION = "spac-routing", 1
+log = logging.getLogger("spac")
+
 MAX_FILE_BYTES = 64 << 20  # a million experts' counts; a real file is a few KB
 MAX_COUNT = 2**53  # exact in JSON readers that use doubles
 
@@ -67,6 +70,28 @@ class RoutingCounts:
 
     def save(self, path: str | os.PathLike) -> None:
         write_atomic(path, (json.dumps(self.as_dict()) + "\n").encode())
+
+
+class RoutingRecord:
+    """What --save-routing keeps: the file's counts so far (read, and checked against the package,
+    when the record starts, before anything is generated) and what the runtime's target routes
+    from then on."""
+
+    def __init__(self, runtime, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise RoutingFileError(f"routing file {self.path}: the folder {self.path.parent} does not exist")
+        exists = self.path.exists() or self.path.is_symlink()
+        self.before = load_routing(self.path, runtime.manifest) if exists else RoutingCounts.empty(runtime.manifest)
+        self.counts = runtime.count_routing()
+
+    def save(self) -> None:
+        """The file's counts plus the recorded ones, written atomically."""
+        try:
+            self.before.merged(self.counts).save(self.path)
+        except OSError as error:
+            raise RoutingFileError(f"routing file {self.path}: cannot be written: {error.strerror}") from None
+        log.info("routing counts added to %s", self.path)
 
 
 def load_routing(path: str | os.PathLike, manifest) -> RoutingCounts:

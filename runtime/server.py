@@ -30,6 +30,7 @@ from . import openai_api as api
 from .chat import chat_prompt
 from .cli import add_expert_cache_flags, expert_cache_options
 from .logs import add_logging_flags, setup_logging
+from .routing import RoutingFileError, RoutingRecord
 from .runtime import GenerationError
 
 log = logging.getLogger("spac.server")
@@ -119,8 +120,9 @@ def usage(result) -> api.Usage:
 class Server:
     """The FastAPI app around one Runtime."""
 
-    def __init__(self, runtime, model_name: str, api_key: str | None = None, queue_limit: int = 16):
-        self.runtime, self.model_name, self.api_key = runtime, model_name, api_key
+    def __init__(self, runtime, model_name: str, api_key: str | None = None, queue_limit: int = 16, on_stop=None):
+        """`on_stop()` runs once the app shuts down and the last generation has ended."""
+        self.runtime, self.model_name, self.api_key, self.on_stop = runtime, model_name, api_key, on_stop
         self.queue = GenerationQueue(runtime, queue_limit)
         app = self.app = FastAPI(title="spac-serve", docs_url=None, redoc_url=None, openapi_url=None,
                                  lifespan=self._lifespan)
@@ -174,6 +176,8 @@ class Server:
     async def _lifespan(self, app):
         yield
         self.queue.close()
+        if self.on_stop:
+            self.on_stop()
 
     async def _check_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -359,7 +363,23 @@ def main(argv=None) -> int:
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-serve: error: {error}", file=sys.stderr)
         return 2
-    server = Server(runtime, args.model_name or Path(args.package).resolve().name, args.api_key, args.queue_limit)
+    try:
+        routing = RoutingRecord(runtime, args.save_routing) if args.save_routing else None
+    except RoutingFileError as error:
+        print(f"spac-serve: error: {error}", file=sys.stderr)
+        runtime.close()
+        return 2
+
+    def save_routing() -> None:
+        """The counts of every request served. At the app's shutdown: uvicorn ends the process by
+        the signal that stopped it once the app is down, before any code after run() would run."""
+        try:
+            routing.save()
+        except RoutingFileError as error:
+            print(f"spac-serve: error: {error}", file=sys.stderr)
+
+    server = Server(runtime, args.model_name or Path(args.package).resolve().name, args.api_key, args.queue_limit,
+                    on_stop=save_routing if routing else None)
     log.info("serving %s on http://%s:%d", args.package, args.host, args.port)
     try:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=logging.getLevelName(

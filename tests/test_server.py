@@ -14,6 +14,8 @@ import openai
 import pytest
 
 from spac.runtime import Runtime
+from spac.runtime.manifest import load_manifest
+from spac.runtime.routing import load_routing
 from spac.runtime.chat import chat_prompt
 from spac.runtime.server import BackgroundServer, Server
 
@@ -210,12 +212,13 @@ def test_api_key_and_queue_limit(runtime, live, monkeypatch):
 
 def test_spac_serve_command(exported, tmp_path):
     """The console command: binds where told, logs to --log-file, pages under --host-budget,
-    answers, exits on SIGTERM; a bad package is one error line and exit code 2."""
+    answers, exits on SIGTERM having saved the routing of what it served (--save-routing); a bad
+    package is one error line and exit code 2."""
     port = free_port()
-    log_file = tmp_path / "serve.log"
+    log_file, routing = tmp_path / "serve.log", tmp_path / "routing.json"
     process = subprocess.Popen([sys.executable, "-m", "spac.runtime.server", "--package", str(exported(FAMILY).output),
                                 "--port", str(port), "--api-key", "k", "-v", "--log-file", str(log_file),
-                                "--host-budget", "25%"],
+                                "--host-budget", "25%", "--save-routing", str(routing)],
                                stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -235,6 +238,11 @@ def test_spac_serve_command(exported, tmp_path):
         process.terminate()
         process.wait(timeout=30)
     assert "serving" in log_file.read_text()
+    manifest = load_manifest(exported(FAMILY).output)
+    counts = load_routing(routing, manifest).counts[manifest.target.moe_layers]
+    prompt_tokens = reply.json()["usage"]["prompt_tokens"]
+    # every MoE layer saw the same rows: at least the prompt's and each new token's but the last
+    assert len(set(counts.sum(axis=1))) == 1 and counts.sum(axis=1)[0] >= (prompt_tokens + 2) * manifest.target.dims["top_k"]
     bad = subprocess.run([sys.executable, "-m", "spac.runtime.server", "--package", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
