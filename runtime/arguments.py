@@ -10,7 +10,7 @@ import argparse
 import math
 from typing import Callable
 
-from .profile import excerpt
+from .manifest import excerpt
 
 
 class Parser(argparse.ArgumentParser):

@@ -12,7 +12,8 @@ from spac.ops.host_cache import POLICIES
 from .arguments import Parser, integer, number, utf8_text
 from .estimator import ESTIMATORS
 from .logs import add_logging_flags, setup_logging
-from .profile import MAX_DRAFT_LEN, ProfileError, excerpt, parse_budget, parse_bytes
+from .manifest import excerpt, load_manifest
+from .profile import MAX_DRAFT_LEN, ProfileError, parse_budget, parse_bytes
 from .routing import RoutingFileError, RoutingRecord
 from .speculative import DRAFT_MODES
 
@@ -179,6 +180,7 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
 
     providers = args.providers.split(",") if args.providers else None
     try:
+        routing = routing_record(args)
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
                           strict=args.strict, draft=args.draft, **expert_cache_options(args),
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
@@ -187,21 +189,28 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         return 2
     except KeyboardInterrupt:  # while loading: nothing generated yet
         return 130
-    try:
-        routing = RoutingRecord(runtime, args.save_routing) if args.save_routing else None
-    except ValueError as error:
-        print(f"spac-run: error: {error}", file=sys.stderr)
-        runtime.close()
-        return 2
-    code = generate(runtime, args)
     if routing is not None:
-        try:
-            routing.save()
-        except RoutingFileError as error:
-            print(f"spac-run: error: {error}", file=sys.stderr)
-            code = code or 2
+        routing.start(runtime)
+    code = generate(runtime, args)
+    if routing is not None and not save_routing(routing, "spac-run"):
+        code = code or 2
     runtime.close()
     return code
+
+
+def routing_record(args: argparse.Namespace) -> RoutingRecord | None:
+    """--save-routing's record, its file checked against the package before the runtime loads."""
+    return RoutingRecord(args.save_routing, load_manifest(args.package)) if args.save_routing else None
+
+
+def save_routing(record: RoutingRecord, program: str) -> bool:
+    """The record saved, or one error line saying why not."""
+    try:
+        record.save()
+    except RoutingFileError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return False
+    return True
 
 
 def generate(runtime, args: argparse.Namespace) -> int:

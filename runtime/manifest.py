@@ -10,6 +10,8 @@ inside the package listed under files (every expert's .onnx and .data included),
 listed file is a regular file (no link, FIFO or device) of its recorded size inside the package;
 no package file but the manifest is opened. verify_file checks a file's sha256 before its first
 use, and that a graph is ONNX agreeing with the manifest, its external data in listed files.
+The manifest itself is read with a size bound and without YAML aliases (read_bounded,
+PlainYamlLoader), which profiles and routing files use too.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from spac.ops.storage import PackageFileError
 SCHEMA_VERSION = 3
 MANIFEST = "manifest.yaml"
 PRODUCER = "moe-spac"  # what a manifest written by spac-export names as its producer
+# DeepSeek-V3's 15,616 experts list 31,232 files: about 8 MB of manifest
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_NESTING = 16  # a manifest nests seven levels deep, a profile three
+EXCERPT_CHARS = 80  # of a value echoed in an error
 
 
 class ManifestError(PackageFileError):
@@ -385,10 +391,11 @@ def load_manifest(package: str | os.PathLike) -> Manifest:
     if not os.path.lexists(path):
         raise ManifestError(f"{path} is missing: {root} is not a spac package (make one with spac-export)")
     _regular_file(root, MANIFEST)
+    raw = read_bounded(path, MAX_MANIFEST_BYTES, ManifestError, str(path), "a manifest lists a package's files")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: bad dates, bad UTF-8
-        raise ManifestError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+        data = yaml.load(raw.decode("utf-8"), Loader=PlainYamlLoader)
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: bad dates, bad UTF-8
+        raise ManifestError(f"{path} is not valid YAML{yaml_problem(error)}") from None
     reader = _Reader(path)
     reader.require(data, "", "")
     if data["schema_version"] != SCHEMA_VERSION:
@@ -485,6 +492,64 @@ def current_umask() -> int:
     return mask
 
 
+class PlainYamlLoader(yaml.SafeLoader):
+    """SafeLoader without aliases and with bounded nesting, for YAML from a stranger (a manifest,
+    a profile). Neither needs them, and an alias lets a few lines expand into billions of nodes
+    ("billion laughs"): an error message's repr of one such value never ends; deep nesting
+    overflows the composer's recursion."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed here", event.start_mark)
+        if self.depth >= MAX_NESTING:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels",
+                                              event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def yaml_problem(error: Exception) -> str:
+    """Where a YAML error is and what, for the end of a one-line message: " at line 3, column
+    10: aliases (*name) are not allowed here"."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {excerpt(getattr(error, 'problem', None) or str(error))}"
+
+
+def excerpt(text: str) -> str:
+    """``text`` on one line, cut to EXCERPT_CHARS: an error must not echo a megabyte back."""
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"
+
+
+class _PlainYamlDumper(yaml.SafeDumper):
+    """Writes an object the data holds twice in full, where SafeDumper would write an alias that
+    PlainYamlLoader refuses."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def read_bounded(path: str | os.PathLike, limit: int, error: type[Exception], label: str, expected: str) -> bytes:
+    """A stranger's small file, read whole but never past `limit` bytes (it may be endless, as
+    /dev/zero is): one `error` naming `label` where it cannot be read or is larger; `expected`
+    says what such a file is."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(limit + 1)
+    except OSError as exc:
+        raise error(f"{label}: cannot be read: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise error(f"{label}: larger than {limit >> 20} MiB; {expected}")
+    return raw
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temp file in the same folder and rename, so readers never see half a file."""
     path = Path(path)
@@ -500,7 +565,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_manifest(package: str | os.PathLike, data: dict) -> None:
-    write_atomic(Path(package) / MANIFEST, yaml.safe_dump(data, sort_keys=False).encode())
+    write_atomic(Path(package) / MANIFEST, yaml.dump(data, Dumper=_PlainYamlDumper, sort_keys=False).encode())
 
 
 # Where a routed expert's files live in a package, without the extension (.onnx, .data).

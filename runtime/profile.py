@@ -31,6 +31,8 @@ import spac
 from spac.ops.host_cache import POLICIES
 from spac.ops.providers import PROVIDERS
 
+from .manifest import PlainYamlLoader, excerpt, read_bounded, yaml_problem
+
 MEMORY_MODELS = ("discrete", "unified")
 TIERS = ("device", "host")
 SOLVERS = ("CBC", "HiGHS", "greedy")
@@ -44,7 +46,6 @@ _UNITS = {
 # Bounds on what a profile may ask for: generous for any real machine, and small enough that a
 # stranger's profile cannot make the runtime start 100 000 threads or wait forever.
 MAX_PROFILE_BYTES = 2**20  # a profile is a few KB
-MAX_NESTING = 16  # a profile nests three levels deep
 THREADS_PER_CORE = 4
 MIN_THREAD_LIMIT = 16  # so a profile written for an 8-core board still loads on a 2-core laptop
 MAX_DRAFT_LEN = 64
@@ -56,7 +57,6 @@ SELF_DRAFT_LEN = 8
 MAX_BUDGET_BYTES = 2**50  # 1 PiB
 MAX_GBPS = 100_000.0  # 100 TB/s, over 10x the fastest HBM today
 MAX_MS = 60_000.0  # one minute per expert call or per balancer round
-EXCERPT_CHARS = 80  # of a value echoed in an error
 
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _PERCENT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
@@ -266,48 +266,17 @@ def load_profile(name_or_path: str | Path) -> Profile:
     return profile_from_dict(_read_yaml(path), source=str(path), default_name=path.stem)
 
 
-class _ProfileLoader(yaml.SafeLoader):
-    """SafeLoader without aliases and with bounded nesting. A profile needs neither, and an alias
-    lets a few lines expand into billions of nodes ("billion laughs"), deep nesting overflows
-    the composer's recursion."""
-
-    depth = 0
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a profile",
-                                              event.start_mark)
-        if self.depth >= MAX_NESTING:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels",
-                                              event.start_mark)
-        self.depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-
 def _read_yaml(path: Path) -> Any:
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_PROFILE_BYTES + 1)
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot be read: {exc.strerror}") from None
-    if len(raw) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path}: larger than {MAX_PROFILE_BYTES // 2**20} MiB; a profile is a few KB of YAML")
+    raw = read_bounded(path, MAX_PROFILE_BYTES, ProfileError, str(path), "a profile is a few KB of YAML")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProfileError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
                            "save the profile as UTF-8") from None
     try:
-        return yaml.load(text, Loader=_ProfileLoader)
+        return yaml.load(text, Loader=PlainYamlLoader)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: a scalar its tag cannot hold (2026-13-45)
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ProfileError(f"{path}: not valid YAML{where}: {excerpt(problem)}") from None
+        raise ProfileError(f"{path}: not valid YAML{yaml_problem(exc)}") from None
 
 
 def save_profile(profile: Profile, path: str | Path, header: str = "") -> None:
@@ -542,12 +511,6 @@ def parse_bytes(value: int | str) -> int:
 
 def _kind(value: Any) -> str:
     return "nothing" if value is None else f"{type(value).__name__} {excerpt(repr(value))}"
-
-
-def excerpt(text: str) -> str:
-    """``text`` on one line, cut to EXCERPT_CHARS: an error must not echo a megabyte back."""
-    text = " ".join(text.split())
-    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"
 
 
 def format_bytes(n: int | None) -> str:

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import write_atomic
-from .profile import excerpt
+from .manifest import excerpt, read_bounded, write_atomic
 
 FORMAT, VERSION = "spac-routing", 1
 log = logging.getLogger("spac")
@@ -74,15 +73,19 @@ class RoutingCounts:
 
 class RoutingRecord:
     """What --save-routing keeps: the file's counts so far (read, and checked against the package,
-    when the record starts, before anything is generated) and what the runtime's target routes
-    from then on."""
+    when the record is made, before the runtime loads) and, once started, what the runtime's
+    target routes."""
 
-    def __init__(self, runtime, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, manifest):
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise RoutingFileError(f"routing file {self.path}: the folder {self.path.parent} does not exist")
         exists = self.path.exists() or self.path.is_symlink()
-        self.before = load_routing(self.path, runtime.manifest) if exists else RoutingCounts.empty(runtime.manifest)
+        self.before = load_routing(self.path, manifest) if exists else RoutingCounts.empty(manifest)
+        self.counts = RoutingCounts.empty(manifest)
+
+    def start(self, runtime) -> None:
+        """Count what `runtime` routes from now on."""
         self.counts = runtime.count_routing()
 
     def save(self) -> None:
@@ -96,15 +99,8 @@ class RoutingRecord:
 
 def load_routing(path: str | os.PathLike, manifest) -> RoutingCounts:
     """The counts in `path`, checked against `manifest`'s shape; RoutingFileError names what is wrong."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_FILE_BYTES + 1)
-    except OSError as error:
-        raise RoutingFileError(f"routing file {path}: cannot be read: {error.strerror}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise RoutingFileError(f"routing file {path}: larger than {MAX_FILE_BYTES >> 20} MiB; "
-                               "a routing file is a few KB of JSON")
+    raw = read_bounded(path, MAX_FILE_BYTES, RoutingFileError, f"routing file {path}",
+                       "a routing file is a few KB of JSON")
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as error:

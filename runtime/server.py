@@ -28,9 +28,8 @@ from spac.ops.storage import PackageFileError
 
 from . import openai_api as api
 from .chat import chat_prompt
-from .cli import add_expert_cache_flags, expert_cache_options
+from .cli import add_expert_cache_flags, expert_cache_options, routing_record, save_routing
 from .logs import add_logging_flags, setup_logging
-from .routing import RoutingFileError, RoutingRecord
 from .runtime import GenerationError
 
 log = logging.getLogger("spac.server")
@@ -358,28 +357,22 @@ def main(argv=None) -> int:
     from .runtime import Runtime
 
     try:
+        routing = routing_record(args)
         runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True,
                           **expert_cache_options(args))
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-serve: error: {error}", file=sys.stderr)
         return 2
-    try:
-        routing = RoutingRecord(runtime, args.save_routing) if args.save_routing else None
-    except RoutingFileError as error:
-        print(f"spac-serve: error: {error}", file=sys.stderr)
-        runtime.close()
-        return 2
+    if routing is not None:
+        routing.start(runtime)
 
-    def save_routing() -> None:
+    def on_stop() -> None:
         """The counts of every request served. At the app's shutdown: uvicorn ends the process by
         the signal that stopped it once the app is down, before any code after run() would run."""
-        try:
-            routing.save()
-        except RoutingFileError as error:
-            print(f"spac-serve: error: {error}", file=sys.stderr)
+        save_routing(routing, "spac-serve")
 
     server = Server(runtime, args.model_name or Path(args.package).resolve().name, args.api_key, args.queue_limit,
-                    on_stop=save_routing if routing else None)
+                    on_stop=on_stop if routing else None)
     log.info("serving %s on http://%s:%d", args.package, args.host, args.port)
     try:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=logging.getLevelName(

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from spac.runtime import ManifestError, Runtime
-from spac.runtime.manifest import load_manifest
+from spac.runtime.manifest import load_manifest, write_manifest
 
 FAMILY = "qwen3_moe"
 
@@ -29,7 +29,7 @@ def edit_manifest(package: Path, edit) -> Path:
     path = package / "manifest.yaml"
     manifest = yaml.safe_load(path.read_text())
     edit(manifest)
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    write_manifest(package, manifest)  # an object held twice is written out twice, not as an alias
     return path
 
 
@@ -147,6 +147,40 @@ def test_fifo_is_refused_without_hanging(package):
     name.unlink()
     os.mkfifo(name)
     assert "not a regular file" in one_line_error(package)
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_a_manifest_alias_bomb_is_refused_at_once(package):
+    """Nine lines of YAML aliases are a billion nodes: where a refusal would echo such a value
+    (the first eos token id here), its repr would never end."""
+    path = package / "manifest.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    manifest["tokenizer"]["eos_token_ids"] = ["BOMB"]
+    bomb = ["laughs:", "- &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    bomb += [f"- &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path.write_text("\n".join(bomb) + "\n" + yaml.safe_dump(manifest, sort_keys=False).replace("BOMB", "*a8"))
+    message = one_line_error(package)
+    assert str(path) in message and "aliases" in message and "line 3" in message, message
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_an_oversized_manifest_is_refused_unread(package):
+    path = package / "manifest.yaml"
+    with open(path, "a") as file:
+        file.write(("# padding\n" * 1024) * 6600)  # 66 MB of comments
+    message = one_line_error(package)
+    assert str(path) in message and "larger than 64 MiB" in message, message
+
+
+def test_written_manifests_hold_no_aliases(package):
+    """The writer spells out an object the data holds twice, which the reader would refuse as an alias."""
+    path = package / "manifest.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    shared = manifest["target"]["layers"][0]["kv_shapes"]
+    manifest["target"]["layers"][1]["kv_shapes"] = shared
+    write_manifest(package, manifest)
+    assert "&id" not in path.read_text()
+    assert load_manifest(package).target.layers[1].kv_shapes == load_manifest(package).target.layers[0].kv_shapes
 
 
 def test_tokenizer_must_be_listed_and_hashed(package):

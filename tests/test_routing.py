@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from spac.runtime import Runtime, cli
-from spac.runtime.manifest import load_manifest
+from spac.runtime.manifest import ManifestError, load_manifest
 from spac.runtime.routing import FORMAT, VERSION, RoutingFileError, load_routing
 from test_cli_run import spac_run
 
@@ -171,6 +172,27 @@ def test_save_routing_never_overwrites_a_file_that_is_not_one(tmp_path, package,
     missing = tmp_path / "no-such-folder" / "routing.json"
     assert cli.main(["--package", str(package), "--prompt", PROMPT, "--save-routing", str(missing)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("program", ["spac-run", "spac-serve"])
+def test_save_routing_is_checked_before_the_runtime_loads(tmp_path, package, capsys, program):
+    """A wrong --save-routing file is refused before the runtime loads anything: here the
+    package's embed graph is corrupt (loading would fail its hash), yet the error is the file's."""
+    from spac.runtime import server
+
+    broken = shutil.copytree(package, tmp_path / "package")
+    embed = broken / "target" / "embed.onnx"
+    embed.write_bytes(bytes(embed.stat().st_size))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    main = cli.main if program == "spac-run" else server.main
+    extra = ["--prompt", PROMPT] if program == "spac-run" else []
+    assert main(["--package", str(broken), *extra, "--save-routing", str(notes)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"{program}: error: routing file {notes}: not JSON"), errors
+    assert notes.read_text() == "my notes\n"
+    with pytest.raises(ManifestError, match="sha256"):  # what loading would have said
+        Runtime(broken)
 
 
 def test_a_failed_save_keeps_the_old_counts(tmp_path, package, reference, capsys, monkeypatch):
