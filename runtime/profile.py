@@ -31,7 +31,7 @@ import spac
 from spac.ops.host_cache import POLICIES
 from spac.ops.providers import PROVIDERS
 
-from .manifest import PlainYamlLoader, excerpt, read_bounded, yaml_problem
+from .manifest import excerpt, load_plain_yaml, read_bounded, yaml_problem
 
 MEMORY_MODELS = ("discrete", "unified")
 TIERS = ("device", "host")
@@ -274,7 +274,7 @@ def _read_yaml(path: Path) -> Any:
         raise ProfileError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
                            "save the profile as UTF-8") from None
     try:
-        return yaml.load(text, Loader=PlainYamlLoader)
+        return load_plain_yaml(text)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: a scalar its tag cannot hold (2026-13-45)
         raise ProfileError(f"{path}: not valid YAML{yaml_problem(exc)}") from None
 
