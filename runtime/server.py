@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -35,6 +35,10 @@ from .runtime import GenerationError
 log = logging.getLogger("spac.server")
 
 DONE, PIECE, FAILED = "done", "piece", "failed"
+# A request body past this is refused unread: a whole context of token ids as JSON (128k of them)
+# is about 1 MB, and the body is held in memory while it is parsed.
+MAX_BODY_BYTES = 16 << 20
+OPEN_PATHS = ("/health",)  # answered without the API key
 
 
 class APIError(Exception):
@@ -119,12 +123,13 @@ def usage(result) -> api.Usage:
 class Server:
     """The FastAPI app around one Runtime."""
 
-    def __init__(self, runtime, model_name: str, api_key: str | None = None, queue_limit: int = 16, on_stop=None):
+    def __init__(self, runtime, model_name: str, api_key: str | None = None, queue_limit: int = 16, on_stop=None,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         """`on_stop()` runs once the app shuts down and the last generation has ended."""
         self.runtime, self.model_name, self.api_key, self.on_stop = runtime, model_name, api_key, on_stop
         self.queue = GenerationQueue(runtime, queue_limit)
-        app = self.app = FastAPI(title="spac-serve", docs_url=None, redoc_url=None, openapi_url=None,
-                                 lifespan=self._lifespan)
+        app = FastAPI(title="spac-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=self._lifespan)
+        self.app = RequestGate(app, api_key, max_body_bytes)  # what uvicorn serves
 
         @app.exception_handler(APIError)
         async def api_error(request, error: APIError):
@@ -142,17 +147,15 @@ class Server:
             return JSONResponse(api.error_body(str(error.detail), code=str(error.status_code)),
                                 status_code=error.status_code)
 
-        authorized = [Depends(self._check_key)]
-
         @app.get("/health")
         async def health():
             return {"status": "ok", "model": self.model_name, "pending": self.queue.pending}
 
-        @app.get("/v1/models", dependencies=authorized)
+        @app.get("/v1/models")
         async def models():
             return api.ModelList(data=[api.ModelCard(id=self.model_name)]).model_dump()
 
-        @app.post("/v1/chat/completions", dependencies=authorized)
+        @app.post("/v1/chat/completions")
         async def chat_completions(body: api.ChatCompletionRequest, request: Request):
             messages = [message.as_template_message() for message in body.messages]
             try:
@@ -163,7 +166,7 @@ class Server:
                                param="messages") from error
             return await self._answer(request, body, ids, chat=True)
 
-        @app.post("/v1/completions", dependencies=authorized)
+        @app.post("/v1/completions")
         async def completions(body: api.CompletionRequest, request: Request):
             try:
                 ids = runtime.tokenizer.encode_prompt(body.prompt)
@@ -177,14 +180,6 @@ class Server:
         self.queue.close()
         if self.on_stop:
             self.on_stop()
-
-    async def _check_key(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key")
 
     async def _answer(self, request: Request, body: api.SamplingRequest, ids: list[int], chat: bool):
         context = self.runtime.context
@@ -241,6 +236,49 @@ class Server:
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()  # no effect once the job is done
+
+
+class RequestGate:
+    """ASGI middleware in front of the app: a request without the API key (where one is set; not
+    for OPEN_PATHS) or with a body past `max_body_bytes` is answered before the app reads its
+    body. FastAPI reads a whole body before any dependency runs, so a client without the key could
+    otherwise make the server hold any number of bytes (400 MB took it from 121 to 1,055 MiB)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # lifespan
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(
+                headers.get(b"authorization", b""), f"Bearer {self.api_key}".encode()):
+            return await self._refuse(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                                      "authentication_error", "invalid_api_key", scope, receive, send)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body_bytes:
+            return await self._refuse(413, self._too_large(), "invalid_request_error", "request_too_large",
+                                      scope, receive, send)
+        received = 0
+
+        async def bounded_receive():
+            """A body sent in chunks (no Content-Length) stops at the bound: FastAPI answers the
+            HTTPException raised here through the app's handler."""
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, bounded_receive, send)
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than {self.max_body_bytes >> 20} MiB"
+
+    @staticmethod
+    async def _refuse(status: int, message: str, type_: str, code: str, scope, receive, send) -> None:
+        await JSONResponse(api.error_body(message, type_, code=code), status_code=status)(scope, receive, send)
 
 
 class BackgroundServer:

@@ -15,6 +15,7 @@ import pytest
 
 from spac.runtime import Runtime
 from spac.runtime.manifest import load_manifest
+from spac.runtime.memory import resident_bytes
 from spac.runtime.routing import load_routing
 from spac.runtime.chat import chat_prompt
 from spac.runtime.server import BackgroundServer, Server
@@ -211,6 +212,45 @@ def test_api_key_and_queue_limit(runtime, live, monkeypatch):
         assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
     finally:
         guarded.stop()
+
+
+def endless_body(mebibytes: int):
+    """A JSON body sent in 1 MiB chunks (no Content-Length), the same chunk each time."""
+    chunk = b"x" * (1 << 20)
+    yield b'{"prompt": "'
+    for _ in range(mebibytes):
+        yield chunk
+    yield b'"}'
+
+
+def test_a_client_without_the_key_cannot_make_the_server_hold_its_body(runtime):
+    """FastAPI reads a whole body before it checks anything: 400 MB without the key took this
+    process from 121 to 1,055 MiB. The key is checked first, and an over-long body is refused."""
+    guarded = LiveServer(Server(runtime, "tiny", api_key="sesame"))
+    try:
+        before = resident_bytes()
+        refused = httpx.post(f"{guarded.url}/v1/completions", content=endless_body(400), timeout=60,
+                             headers={"Content-Type": "application/json"})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert resident_bytes() - before < 64 << 20
+        assert httpx.get(f"{guarded.url}/health").status_code == 200  # open without the key
+    finally:
+        guarded.stop()
+
+
+def test_request_bodies_past_the_bound_are_refused_unread(runtime):
+    small = LiveServer(Server(runtime, "tiny", max_body_bytes=2 << 20))
+    try:
+        url, json_type = f"{small.url}/v1/completions", {"Content-Type": "application/json"}
+        declared = httpx.post(url, content=b'{"prompt": "' + b"x" * (3 << 20) + b'"}', headers=json_type)
+        streamed = httpx.post(url, content=endless_body(3), headers=json_type, timeout=60)
+        for reply in (declared, streamed):
+            assert reply.status_code == 413, reply.text
+            assert "larger than 2 MiB" in reply.json()["error"]["message"]
+        within = httpx.post(url, json={"prompt": "def f(x):", "max_tokens": 2})  # the bound lets others through
+        assert within.status_code == 200 and within.json()["usage"]["completion_tokens"] == 2
+    finally:
+        small.stop()
 
 
 def test_spac_serve_command(exported, tmp_path):
