@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+# OpenAI's limit. Each one is looked for in the text at every new token: a million of them (10 MB
+# of JSON) took 0.45 s a token, so one request could hold the only worker for hours.
+MAX_STOP_SEQUENCES = 4
 
 
 class SamplingRequest(BaseModel):
@@ -22,7 +27,7 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: dict | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)

@@ -154,6 +154,7 @@ def test_disconnecting_client_cancels_its_generation(live, runtime, monkeypatch)
     ('{"prompt": "x", "temperature": "hot"}', "temperature"),
     ('{"prompt": "x", "top_p": 0}', "top_p"),
     ('{"prompt": "x", "n": 2}', "n"),
+    ('{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop"),  # OpenAI's limit is 4
     ('{"max_tokens": 4}', "prompt"),
     ('{"prompt": [999999999]}', "prompt"),
     ('[1, 2]', None),
