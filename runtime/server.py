@@ -126,7 +126,7 @@ class Server:
     def __init__(self, runtime, model_name: str, api_key: str | None = None, queue_limit: int = 16, on_stop=None,
                  max_body_bytes: int = MAX_BODY_BYTES):
         """`on_stop()` runs once the app shuts down and the last generation has ended."""
-        self.runtime, self.model_name, self.api_key, self.on_stop = runtime, model_name, api_key, on_stop
+        self.runtime, self.model_name, self.on_stop = runtime, model_name, on_stop
         self.queue = GenerationQueue(runtime, queue_limit)
         app = FastAPI(title="spac-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=self._lifespan)
         self.app = RequestGate(app, api_key, max_body_bytes)  # what uvicorn serves
@@ -144,8 +144,8 @@ class Server:
 
         @app.exception_handler(HTTPException)
         async def http_error(request, error: HTTPException):
-            return JSONResponse(api.error_body(str(error.detail), code=str(error.status_code)),
-                                status_code=error.status_code)
+            code = getattr(error, "code", None) or str(error.status_code)
+            return JSONResponse(api.error_body(str(error.detail), code=code), status_code=error.status_code)
 
         @app.get("/health")
         async def health():
@@ -238,6 +238,16 @@ class Server:
             job.cancelled.set()  # no effect once the job is done
 
 
+class BodyTooLarge(HTTPException):
+    """Raised while FastAPI reads a body (it lets an HTTPException through, anything else becomes
+    a 400), answered by the app's handler."""
+
+    code = "request_too_large"
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit >> 20} MiB")
+
+
 class RequestGate:
     """ASGI middleware in front of the app: a request without the API key (where one is set; not
     for OPEN_PATHS) or with a body past `max_body_bytes` is answered before the app reads its
@@ -257,24 +267,20 @@ class RequestGate:
                                       "authentication_error", "invalid_api_key", scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body_bytes:
-            return await self._refuse(413, self._too_large(), "invalid_request_error", "request_too_large",
-                                      scope, receive, send)
+            too_large = BodyTooLarge(self.max_body_bytes)
+            return await self._refuse(413, too_large.detail, "invalid_request_error", too_large.code, scope, receive, send)
         received = 0
 
         async def bounded_receive():
-            """A body sent in chunks (no Content-Length) stops at the bound: FastAPI answers the
-            HTTPException raised here through the app's handler."""
+            """A body sent in chunks (no Content-Length) stops at the bound."""
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
-                raise HTTPException(413, self._too_large())
+                raise BodyTooLarge(self.max_body_bytes)
             return message
 
         await self.app(scope, bounded_receive, send)
-
-    def _too_large(self) -> str:
-        return f"the request body is larger than {self.max_body_bytes >> 20} MiB"
 
     @staticmethod
     async def _refuse(status: int, message: str, type_: str, code: str, scope, receive, send) -> None:

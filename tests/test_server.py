@@ -247,7 +247,8 @@ def test_request_bodies_past_the_bound_are_refused_unread(runtime):
         streamed = httpx.post(url, content=endless_body(3), headers=json_type, timeout=60)
         for reply in (declared, streamed):
             assert reply.status_code == 413, reply.text
-            assert "larger than 2 MiB" in reply.json()["error"]["message"]
+            error = reply.json()["error"]
+            assert "larger than 2 MiB" in error["message"] and error["code"] == "request_too_large"
         within = httpx.post(url, json={"prompt": "def f(x):", "max_tokens": 2})  # the bound lets others through
         assert within.status_code == 200 and within.json()["usage"]["completion_tokens"] == 2
     finally:
