@@ -39,6 +39,9 @@ DONE, PIECE, FAILED = "done", "piece", "failed"
 # is about 1 MB, and the body is held in memory while it is parsed.
 MAX_BODY_BYTES = 16 << 20
 OPEN_PATHS = ("/health",)  # answered without the API key
+# Connections past the queue's limit that stay open (health probes, the queue_full answers); more
+# get uvicorn's 503. Each open request may hold a body of MAX_BODY_BYTES while it is read.
+SPARE_CONNECTIONS = 8
 
 
 class APIError(Exception):
@@ -103,6 +106,11 @@ class GenerationQueue:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def connection_limit(self) -> int:
+        """uvicorn's limit_concurrency for this queue."""
+        return self.limit + SPARE_CONNECTIONS
 
 
 def finish_reason(result, tokenizer) -> str | None:
@@ -303,7 +311,8 @@ class BackgroundServer:
                 probe.bind((host, 0))
                 port = probe.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning"))
+        self.uvicorn = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning",
+                                                     limit_concurrency=server.queue.connection_limit))
         self.thread = threading.Thread(target=self.uvicorn.run, name="spac-serve", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -420,7 +429,7 @@ def main(argv=None) -> int:
     log.info("serving %s on http://%s:%d", args.package, args.host, args.port)
     try:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=logging.getLevelName(
-            logging.getLogger().level).lower(), log_config=None)
+            logging.getLogger().level).lower(), log_config=None, limit_concurrency=server.queue.connection_limit)
     finally:
         runtime.close()
     return 0

@@ -255,6 +255,37 @@ def test_request_bodies_past_the_bound_are_refused_unread(runtime):
         small.stop()
 
 
+def test_open_connections_are_bounded(runtime):
+    """Clients that open requests and never finish their bodies (each could hold 16 MiB) fill at
+    most the queue's limit plus a few connections; the one that reaches the limit gets 503 until
+    they go."""
+    bounded = LiveServer(Server(runtime, "tiny", queue_limit=1))
+    host, port = bounded.url.removeprefix("http://").split(":")
+    requests_in_flight = bounded.uvicorn.server_state.tasks
+    stalled = []
+    try:
+        for count in range(1, bounded.server.queue.connection_limit):
+            connection = socket.create_connection((host, int(port)))
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 1000\r\n\r\n{")  # and the rest never comes
+            stalled.append(connection)
+            deadline = time.monotonic() + 10
+            while len(requests_in_flight) < count:  # one at a time, so the count is exact
+                assert time.monotonic() < deadline, "the server did not take the request"
+                time.sleep(0.01)
+        assert httpx.get(f"{bounded.url}/health").status_code == 503
+        for connection in stalled:
+            connection.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{bounded.url}/health").status_code != 200:
+            assert time.monotonic() < deadline, "the server did not recover"
+            time.sleep(0.1)
+    finally:
+        for connection in stalled:
+            connection.close()
+        bounded.stop()
+
+
 def test_spac_serve_command(exported, tmp_path):
     """The console command: binds where told, logs to --log-file, pages under --host-budget,
     answers, exits on SIGTERM having saved the routing of what it served (--save-routing); a bad
