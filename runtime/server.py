@@ -52,6 +52,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.body = status, api.error_body(message, type_, param, code)
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
 
 class Job:
     """One request's generation: the worker thread posts its pieces and its end to the event loop."""
@@ -141,7 +144,7 @@ class Server:
 
         @app.exception_handler(APIError)
         async def api_error(request, error: APIError):
-            return JSONResponse(error.body, status_code=error.status)
+            return error.response()
 
         @app.exception_handler(RequestValidationError)
         async def invalid_request(request, error: RequestValidationError):
@@ -271,12 +274,13 @@ class RequestGate:
         headers = dict(scope["headers"])
         if self.api_key is not None and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(
                 headers.get(b"authorization", b""), f"Bearer {self.api_key}".encode()):
-            return await self._refuse(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
-                                      "authentication_error", "invalid_api_key", scope, receive, send)
+            refusal = APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                               "authentication_error", code="invalid_api_key")
+            return await refusal.response()(scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body_bytes:
             too_large = BodyTooLarge(self.max_body_bytes)
-            return await self._refuse(413, too_large.detail, "invalid_request_error", too_large.code, scope, receive, send)
+            return await APIError(413, too_large.detail, code=too_large.code).response()(scope, receive, send)
         received = 0
 
         async def bounded_receive():
@@ -289,10 +293,6 @@ class RequestGate:
             return message
 
         await self.app(scope, bounded_receive, send)
-
-    @staticmethod
-    async def _refuse(status: int, message: str, type_: str, code: str, scope, receive, send) -> None:
-        await JSONResponse(api.error_body(message, type_, code=code), status_code=status)(scope, receive, send)
 
 
 class BackgroundServer:
