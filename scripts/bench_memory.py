@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import re
 import sys
@@ -48,6 +47,7 @@ import numpy as np
 
 from spac.bench.measure import generate_all
 from spac.bench.prompts import CALIBRATION_MODULES, HELDOUT_MODULES, function_openings
+from spac.ops.direct_io import ALIGNMENT, aligned_buffer
 from spac.ops.pager import READ_THREADS
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +71,6 @@ LLAMA = "llama.cpp (mmap)"
 LLAMA_BINARIES = ("llama-simple", "llama-bench")
 BEST = "spac+SD"  # the run the plotted bound is about
 COMPARED = (BEST, SELF)  # the runs whose ratios to every other run are reported
-DIRECT_ALIGNMENT = 4096
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,8 +203,9 @@ def belady_misses(accesses: list[tuple[int, int]], capacity: int) -> int:
 
 def raw_read_bandwidth(package: Path, files: list[str], streams: int = 1, limit_bytes: int = 512 << 20) -> dict:
     """Whole-file reads of expert files right after a cache drop, `streams` files at a time (one
-    after the other in each): O_DIRECT with an aligned buffer where the file system takes it,
-    else buffered reads."""
+    after the other in each): O_DIRECT where the file system takes it, else buffered reads, into
+    one buffer per stream of the runtime's kind, reused, so that no read pays for faulting its
+    pages in (the runtime's reads do): what the storage itself delivers."""
     memory_cap.drop_page_cache()
     direct = hasattr(os, "O_DIRECT")
     chosen, total = [], 0
@@ -223,10 +223,10 @@ def raw_read_bandwidth(package: Path, files: list[str], streams: int = 1, limit_
             except OSError:
                 used_direct, fd = False, os.open(path, os.O_RDONLY)
             try:
-                aligned = -(-path.stat().st_size // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-                if buffer is None or len(buffer) < aligned:
-                    buffer = mmap.mmap(-1, aligned)  # page-aligned, as O_DIRECT wants
-                os.preadv(fd, [memoryview(buffer)[:aligned]], 0)
+                aligned = -(-path.stat().st_size // ALIGNMENT) * ALIGNMENT
+                if buffer is None or len(buffer) < aligned:  # the runtime's kind, reused: faulted once
+                    buffer = aligned_buffer(aligned)
+                os.preadv(fd, [buffer[:aligned]], 0)
             finally:
                 os.close(fd)
         return used_direct
