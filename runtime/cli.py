@@ -111,9 +111,10 @@ def add_expert_cache_flags(parser: argparse.ArgumentParser) -> None:
                         help="bytes the whole process may use ('700MB', '2GiB', bytes) or 'auto' (the memory "
                              "cgroup's limit, else MemAvailable); sizes the host expert cache to fit, "
                              "overriding --host-budget")
-    parser.add_argument("--direct-io", action="store_true",
+    parser.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=True,
                         help="read paged experts with O_DIRECT into aligned buffers, past the page cache "
-                             "(falls back to plain reads where the file system refuses it)")
+                             "(falls back to plain reads where the file system refuses it); "
+                             "--no-direct-io: buffered reads, each file dropped from the page cache after")
     parser.add_argument("--layer-lookahead", action="store_true",
                         help="spac policy: read the experts the next layers' routers guess from the current "
                              "hidden state while the current layer computes (guesses never change the output; "

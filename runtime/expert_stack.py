@@ -37,7 +37,7 @@ class ExpertOptions:
     # plans) on the CPU EP, to exercise it without a GPU; None: no device tier.
     device_tier: str | None = None
     device_slots: int | None = None  # None: as many as the profile's device budget holds
-    direct_io: bool = False  # read expert files with O_DIRECT (spac.ops.direct_io)
+    direct_io: bool = True  # read expert files with O_DIRECT (spac.ops.direct_io)
     layer_lookahead: bool = False  # read what later layers' routers guess early (spac policy; spac.ops.lookahead)
 
 

@@ -111,7 +111,7 @@ class Runtime:
                  policy: str | None = None, host_budget: float | int | None = None, estimator: str | None = None,
                  static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None,
                  draft: str | None = None, min_draft_confidence: float = 0.0,
-                 memory_limit: int | str | None = None, direct_io: bool = False, layer_lookahead: bool = False):
+                 memory_limit: int | str | None = None, direct_io: bool = True, layer_lookahead: bool = False):
         """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
         override the profile's; `static_frequencies` (routing counts from an earlier run: a file
         that spac-run --save-routing or count_routing() wrote, or a [layer, expert] array) choose
@@ -128,9 +128,9 @@ class Runtime:
         `min_draft_confidence` ends a round's drafting after a token the draft was less sure of
         (spac.runtime.speculative.Decoder). `memory_limit` (bytes, or "auto": the cgroup's
         limit, else MemAvailable) sizes the host cache so that the whole process stays inside
-        it, overriding `host_budget` (see spac.runtime.memory). `direct_io` reads expert files
-        with O_DIRECT (spac.ops.direct_io), past the page cache, through the same integrity
-        checks; `layer_lookahead` (spac policy) reads the experts the next layers' routers guess
+        it, overriding `host_budget` (see spac.runtime.memory). `direct_io` (the default) reads
+        expert files with O_DIRECT (spac.ops.direct_io), past the page cache, through the same
+        integrity checks (False: buffered reads, each file dropped from the page cache after); `layer_lookahead` (spac policy) reads the experts the next layers' routers guess
         from the current hidden state while the current layer computes (spac.ops.lookahead)."""
         self.manifest = load_manifest(package)
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast

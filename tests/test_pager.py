@@ -474,9 +474,10 @@ def assert_paging_stats(stats: dict) -> None:
 
 @pytest.mark.parametrize("policy", ("lru", "static"))
 def test_storage_reads_hit_the_files(policy, package, monkeypatch):
-    """Every miss is one whole-file read of the expert's .data file (no prefetch in these policies)."""
+    """Every miss is one whole-file read of the expert's .data file (no prefetch in these policies;
+    buffered reads, whose preads are counted here)."""
     bytes_per_expert, _ = expert_bytes(package())
-    with Runtime(package(), draft_len=DRAFT_LEN, policy=policy, host_budget=0.25) as runtime:
+    with Runtime(package(), draft_len=DRAFT_LEN, policy=policy, host_budget=0.25, direct_io=False) as runtime:
         preads = []
         pread = os.pread
         monkeypatch.setattr(os, "pread", lambda fd, n, offset: preads.append(pread(fd, n, offset)) or preads[-1])
