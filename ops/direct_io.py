@@ -16,6 +16,8 @@ pages of a shared mapping, 1.0 GB/s into a private one, 1.75 GB/s into transpare
 transparent huge pages (or set to never) gives small pages and the read works the same. Under a
 45 % memory cap on the memory testbed (scripts/bench_memory.py's spac runs, 18.9 MB experts),
 this took the storage from 0.96-1.13 to 1.71-1.86 GB/s while busy, and decoding 1.73-1.88x.
+Keeping a released buffer for the next read (no faults at all) decoded no faster there: under a
+memory limit that buffer is counted, and costs a cache slot.
 """
 
 from __future__ import annotations
