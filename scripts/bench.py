@@ -7,8 +7,8 @@ measured on this machine's CPU in one run, plus a trace replay that MODELS other
     python scripts/bench.py --replay rtx4090-desktop --traces results/bench/traces.json
                                                   # replay recorded traces only (seconds)
 
-Measured (CPU execution provider; storage → host paging with real disk reads: pread +
-posix_fadvise(DONTNEED), os.sync() first), at host budgets of 10, 17, 25, 50 and 100 % of the
+Measured (CPU execution provider; storage → host paging with real disk reads: O_DIRECT,
+the runtime's default, os.sync() first), at host budgets of 10, 17, 25, 50 and 100 % of the
 expert bytes, each run in a fresh Runtime on the same prompts:
 
   lru                      on-demand fetch, LRU eviction, plain decoding (MixtralOffload analogue)

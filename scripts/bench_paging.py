@@ -17,8 +17,9 @@ Reports decode tokens/s, hit rate, bytes read, seconds stalled on storage, prefe
 the ratios spac/static and spac/lru (goal: ≥ 1.42 and ≥ 4). Every run must produce the same
 greedy tokens; the script says whether they did.
 
-Storage reads are whole-file preads followed by posix_fadvise(POSIX_FADV_DONTNEED)
-(spac.ops.storage.ExpertFiles.read), after an os.sync() so that freshly written files are clean:
+Storage reads are the runtime's default: whole-file O_DIRECT reads past the page cache
+(spac.ops.direct_io; where the file system refuses O_DIRECT, preads followed by
+posix_fadvise(POSIX_FADV_DONTNEED)), after an os.sync() so that freshly written files are clean:
 the OS page cache cannot act as an unbudgeted RAM tier.
 
 Model: the Qwen3-MoE trained on the standard library (cache/trained/small-moe + small-draft,

@@ -21,7 +21,7 @@ At 100 % every expert is resident (no pager): the policy does not matter there.
 
 Reports decode tokens/s, acceptance, the draft's substitution rate, draft and verify ms per
 round, and the ratios self/no-SD and self/draft per budget; every run must give the same greedy
-tokens. Storage reads go to the disk (see scripts/bench_paging.py: pread + DONTNEED).
+tokens. Storage reads go to the disk (see scripts/bench_paging.py: O_DIRECT).
 
 Model: the Qwen3-MoE and draft trained by scripts/train_small_moe.py (--trained), exported with
 its draft into --packages (once plain, once with int4 draft copies of its experts) unless a
