@@ -43,8 +43,11 @@ def aligned_buffer(size: int) -> memoryview:
     # so they take address space, not memory.
     mapping = mmap.mmap(-1, length + HUGE_PAGE - ALIGNMENT, flags=PRIVATE_ANONYMOUS)
     start = -address(mapping) % HUGE_PAGE
+    whole = length // HUGE_PAGE * HUGE_PAGE
     try:
-        mapping.madvise(mmap.MADV_HUGEPAGE, start, length // HUGE_PAGE * HUGE_PAGE)
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, whole)
+        # where the kernel gives huge pages unasked (enabled=always), the tail must not get one
+        mapping.madvise(mmap.MADV_NOHUGEPAGE, start + whole, len(mapping) - start - whole)
     except OSError:  # a kernel built without transparent huge pages
         pass
     return memoryview(mapping)[start:start + length]
