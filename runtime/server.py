@@ -38,6 +38,9 @@ DONE, PIECE, FAILED = "done", "piece", "failed"
 # A request body past this is refused unread: a whole context of token ids as JSON (128k of them)
 # is about 1 MB, and the body is held in memory while it is parsed.
 MAX_BODY_BYTES = 16 << 20
+# A request's whole body must arrive within this many seconds of its headers; past it the answer
+# is 408. Else a client that sends part of a body and then nothing holds a connection for ever.
+BODY_TIMEOUT_S = 30.0
 OPEN_PATHS = ("/health",)  # answered without the API key
 # Connections past the queue's limit that stay open (health probes, the queue_full answers); more
 # get uvicorn's 503. Each open request may hold a body of MAX_BODY_BYTES while it is read.
@@ -135,12 +138,12 @@ class Server:
     """The FastAPI app around one Runtime."""
 
     def __init__(self, runtime, model_name: str, api_key: str | None = None, queue_limit: int = 16, on_stop=None,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S):
         """`on_stop()` runs once the app shuts down and the last generation has ended."""
         self.runtime, self.model_name, self.on_stop = runtime, model_name, on_stop
         self.queue = GenerationQueue(runtime, queue_limit)
         app = FastAPI(title="spac-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=self._lifespan)
-        self.app = RequestGate(app, api_key, max_body_bytes)  # what uvicorn serves
+        self.app = RequestGate(app, api_key, max_body_bytes, body_timeout_s)  # what uvicorn serves
 
         @app.exception_handler(APIError)
         async def api_error(request, error: APIError):
@@ -259,14 +262,26 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is larger than {limit >> 20} MiB")
 
 
+class BodyTimeout(HTTPException):
+    """Raised while FastAPI reads a body that did not arrive in time, answered by the app's handler."""
+
+    code = "request_timeout"
+
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s")
+
+
 class RequestGate:
     """ASGI middleware in front of the app: a request without the API key (where one is set; not
     for OPEN_PATHS) or with a body past `max_body_bytes` is answered before the app reads its
     body. FastAPI reads a whole body before any dependency runs, so a client without the key could
-    otherwise make the server hold any number of bytes (400 MB took it from 121 to 1,055 MiB)."""
+    otherwise make the server hold any number of bytes (400 MB took it from 121 to 1,055 MiB).
+    A body not whole within `body_timeout_s` of the headers is answered 408 (uvicorn has no such
+    bound)."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # lifespan
@@ -281,15 +296,24 @@ class RequestGate:
         if not length.isdigit() or int(length) > self.max_body_bytes:
             too_large = BodyTooLarge(self.max_body_bytes)
             return await APIError(413, too_large.detail, code=too_large.code).response()(scope, receive, send)
-        received = 0
+        received, body_done = 0, False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def bounded_receive():
-            """A body sent in chunks (no Content-Length) stops at the bound."""
-            nonlocal received
-            message = await receive()
+            """A body sent in chunks (no Content-Length) stops at the bound, and a body must be
+            whole by the deadline. Once it is, receive() only waits for the client to hang up
+            (a streamed answer listens for that), which may take as long as the answer does."""
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
+                raise BodyTimeout(self.body_timeout_s) from None
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
                 raise BodyTooLarge(self.max_body_bytes)
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, bounded_receive, send)

@@ -3,6 +3,7 @@ started here and stopped at the end, on the tiny qwen3_moe package."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -253,6 +254,52 @@ def test_request_bodies_past_the_bound_are_refused_unread(runtime):
         assert within.status_code == 200 and within.json()["usage"]["completion_tokens"] == 2
     finally:
         small.stop()
+
+
+class SlowPieces:
+    """A generation whose pieces come 0.4 s apart (a slow model, injected)."""
+
+    def __init__(self, generation):
+        self.generation = generation
+
+    def __iter__(self):
+        for piece in self.generation:
+            time.sleep(0.4)
+            yield piece
+
+    def __getattr__(self, name):
+        return getattr(self.generation, name)
+
+
+def test_a_body_that_never_finishes_is_answered_408(runtime, monkeypatch):
+    """A client that sends part of its body and then nothing (a slow-loris) would hold one of the
+    bounded connections for ever: past the body deadline it gets 408 and the connection is let go.
+    A body sent in time still works, and its answer may take longer than the deadline."""
+    quick = LiveServer(Server(runtime, "tiny", body_timeout_s=1.0))
+    host, port = quick.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=15) as connection:
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 1000\r\n\r\n{")  # and the rest never comes
+            started, reply = time.monotonic(), b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                piece = connection.recv(65536)
+                if not piece:
+                    break
+                reply += piece
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert time.monotonic() - started < 10
+        # The app polls the connection while a generation runs (is it still there?): past the
+        # body deadline too. A generation slowed on purpose makes the answer outlast it.
+        stream = runtime.stream
+        monkeypatch.setattr(runtime, "stream", lambda *args, **kwargs: SlowPieces(stream(*args, **kwargs)))
+        started = time.monotonic()
+        answered = httpx.post(f"{quick.url}/v1/completions", timeout=60, json={"prompt": "def f(x):", "max_tokens": 8})
+        assert answered.status_code == 200, answered.text
+        assert time.monotonic() - started > 2.0  # the deadline and several polls passed while it ran
+    finally:
+        quick.stop()
 
 
 def test_open_connections_are_bounded(runtime):
