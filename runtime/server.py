@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from spac.ops.storage import PackageFileError
 
@@ -41,10 +42,13 @@ MAX_BODY_BYTES = 16 << 20
 # A request's whole body must arrive within this many seconds of its headers; past it the answer
 # is 408. Else a client that sends part of a body and then nothing holds a connection for ever.
 BODY_TIMEOUT_S = 30.0
+# A connection must send a whole request head (request line and headers) within this many
+# seconds of opening, or of its last answer, else it is closed (see HeadDeadlineProtocol).
+HEAD_TIMEOUT_S = 10.0
 OPEN_PATHS = ("/health",)  # answered without the API key
-# Connections past the queue's limit that stay open (health probes, the queue_full answers); more
-# get uvicorn's 503. Each open request may hold a body of MAX_BODY_BYTES while it is read.
-SPARE_CONNECTIONS = 8
+# Requests open at once past the queue's limit (health probes, the queue_full answers); one more
+# gets 503 server_overloaded. Each open request may hold a body of MAX_BODY_BYTES while it is read.
+SPARE_REQUESTS = 8
 
 
 class APIError(Exception):
@@ -113,11 +117,6 @@ class GenerationQueue:
     def close(self) -> None:
         self.worker.shutdown(wait=True, cancel_futures=True)
 
-    @property
-    def connection_limit(self) -> int:
-        """uvicorn's limit_concurrency for this queue."""
-        return self.limit + SPARE_CONNECTIONS
-
 
 def finish_reason(result, tokenizer) -> str | None:
     if result.interrupted:
@@ -138,12 +137,15 @@ class Server:
     """The FastAPI app around one Runtime."""
 
     def __init__(self, runtime, model_name: str, api_key: str | None = None, queue_limit: int = 16, on_stop=None,
-                 max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S):
+                 max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
+                 head_timeout_s: float = HEAD_TIMEOUT_S):
         """`on_stop()` runs once the app shuts down and the last generation has ended."""
         self.runtime, self.model_name, self.on_stop = runtime, model_name, on_stop
         self.queue = GenerationQueue(runtime, queue_limit)
+        self.request_limit = queue_limit + SPARE_REQUESTS
+        self.head_timeout_s = head_timeout_s
         app = FastAPI(title="spac-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=self._lifespan)
-        self.app = RequestGate(app, api_key, max_body_bytes, body_timeout_s)  # what uvicorn serves
+        self.app = RequestGate(app, api_key, max_body_bytes, body_timeout_s, self.request_limit)  # what uvicorn serves
 
         @app.exception_handler(APIError)
         async def api_error(request, error: APIError):
@@ -187,6 +189,11 @@ class Server:
             except (ValueError, TypeError) as error:
                 raise APIError(400, str(error), param="prompt") from error
             return await self._answer(request, body, ids, chat=False)
+
+    def uvicorn_options(self) -> dict:
+        """What uvicorn.run or uvicorn.Config is given besides the app, host and port."""
+        protocol = type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout_s": self.head_timeout_s})
+        return {"http": protocol}
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
@@ -277,15 +284,30 @@ class RequestGate:
     body. FastAPI reads a whole body before any dependency runs, so a client without the key could
     otherwise make the server hold any number of bytes (400 MB took it from 121 to 1,055 MiB).
     A body not whole within `body_timeout_s` of the headers is answered 408 (uvicorn has no such
-    bound)."""
+    bound), and past `request_limit` requests open at once the next is answered 503: so requests
+    hold at most request_limit bodies, each for a bounded time. (uvicorn's own limit_concurrency
+    counts connections, and connections that never send a whole request would fill it: see
+    HeadDeadlineProtocol.)"""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float, request_limit: int):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s, self.request_limit = body_timeout_s, request_limit
+        self.open_requests = 0  # (one event loop: no lock)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # lifespan
             return await self.app(scope, receive, send)
+        if self.open_requests >= self.request_limit:
+            busy = APIError(503, f"the server has {self.open_requests} requests open, its limit; retry later",
+                            "server_error", code="server_overloaded")
+            return await busy.response()(scope, receive, send)
+        self.open_requests += 1
+        try:
+            await self._gate(scope, receive, send)
+        finally:
+            self.open_requests -= 1
+
+    async def _gate(self, scope, receive, send):
         headers = dict(scope["headers"])
         if self.api_key is not None and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(
                 headers.get(b"authorization", b""), f"Bearer {self.api_key}".encode()):
@@ -319,6 +341,48 @@ class RequestGate:
         await self.app(scope, bounded_receive, send)
 
 
+class HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for each request head: a connection that
+    has not sent a whole request line and headers within `head_timeout_s` of opening, or of its
+    last answer, is closed. uvicorn's keep-alive timer stops at the first byte that arrives, so a
+    client sending a partial head and then nothing held its connection for ever (and with
+    uvicorn's limit_concurrency, such connections made it answer every other client 503)."""
+
+    head_timeout_s = HEAD_TIMEOUT_S
+    head_deadline = None
+    awaited_after = None  # the request/response cycle the head deadline waits for a successor of
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        self._await_head()  # first: a pipelined request's head is handled inside the call below
+        super().on_response_complete()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not self.awaited_after and self.head_deadline is not None:  # a head arrived
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def connection_lost(self, exc) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+        self.awaited_after = self.cycle
+        self.head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self.head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 class BackgroundServer:
     """uvicorn serving a Server from a thread of this process (tests, benchmarks, notebooks);
     port 0 picks a free one."""
@@ -336,7 +400,7 @@ class BackgroundServer:
                 port = probe.getsockname()[1]
         self.url = f"http://{host}:{port}"
         self.uvicorn = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning",
-                                                     limit_concurrency=server.queue.connection_limit))
+                                                     **server.uvicorn_options()))
         self.thread = threading.Thread(target=self.uvicorn.run, name="spac-serve", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -453,7 +517,7 @@ def main(argv=None) -> int:
     log.info("serving %s on http://%s:%d", args.package, args.host, args.port)
     try:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=logging.getLevelName(
-            logging.getLogger().level).lower(), log_config=None, limit_concurrency=server.queue.connection_limit)
+            logging.getLogger().level).lower(), log_config=None, **server.uvicorn_options())
     finally:
         runtime.close()
     return 0

@@ -302,25 +302,25 @@ def test_a_body_that_never_finishes_is_answered_408(runtime, monkeypatch):
         quick.stop()
 
 
-def test_open_connections_are_bounded(runtime):
-    """Clients that open requests and never finish their bodies (each could hold 16 MiB) fill at
-    most the queue's limit plus a few connections; the one that reaches the limit gets 503 until
-    they go."""
+def test_open_requests_are_bounded(runtime):
+    """Clients that open requests and never finish their bodies (each could hold 16 MiB for the
+    body deadline) fill at most the queue's limit plus a few requests; the one past that gets an
+    OpenAI-style 503 until they go."""
     bounded = LiveServer(Server(runtime, "tiny", queue_limit=1))
     host, port = bounded.url.removeprefix("http://").split(":")
-    requests_in_flight = bounded.uvicorn.server_state.tasks
     stalled = []
     try:
-        for count in range(1, bounded.server.queue.connection_limit):
+        for count in range(1, bounded.server.request_limit + 1):
             connection = socket.create_connection((host, int(port)))
             connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                b"Content-Length: 1000\r\n\r\n{")  # and the rest never comes
             stalled.append(connection)
             deadline = time.monotonic() + 10
-            while len(requests_in_flight) < count:  # one at a time, so the count is exact
+            while bounded.server.app.open_requests < count:  # one at a time, so the count is exact
                 assert time.monotonic() < deadline, "the server did not take the request"
                 time.sleep(0.01)
-        assert httpx.get(f"{bounded.url}/health").status_code == 503
+        refused = httpx.get(f"{bounded.url}/health")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_overloaded"
         for connection in stalled:
             connection.close()
         deadline = time.monotonic() + 10
@@ -329,6 +329,28 @@ def test_open_connections_are_bounded(runtime):
             time.sleep(0.1)
     finally:
         for connection in stalled:
+            connection.close()
+        bounded.stop()
+
+
+def test_connections_that_never_send_a_request_block_no_one(runtime):
+    """A connection that sends part of a request head and then nothing (a slow-loris) holds no
+    request: more of them than the request bound leave the server answering everyone else, and
+    each is closed once the head deadline passes."""
+    bounded = LiveServer(Server(runtime, "tiny", queue_limit=1, head_timeout_s=1.0))
+    host, port = bounded.url.removeprefix("http://").split(":")
+    idle = []
+    try:
+        for _ in range(bounded.server.request_limit + 4):
+            connection = socket.create_connection((host, int(port)), timeout=15)
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHo")  # and the rest never comes
+            idle.append(connection)
+        assert httpx.get(f"{bounded.url}/health").status_code == 200
+        started = time.monotonic()
+        assert all(connection.recv(1024) == b"" for connection in idle)  # closed by the server
+        assert time.monotonic() - started < 10
+    finally:
+        for connection in idle:
             connection.close()
         bounded.stop()
 
