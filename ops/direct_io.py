@@ -46,8 +46,8 @@ def aligned_buffer(size: int) -> memoryview:
     whole = length // HUGE_PAGE * HUGE_PAGE
     try:
         mapping.madvise(mmap.MADV_HUGEPAGE, start, whole)
-        # where the kernel gives huge pages unasked (enabled=always), the tail must not get one
-        mapping.madvise(mmap.MADV_NOHUGEPAGE, start + whole, len(mapping) - start - whole)
+        if start + whole < len(mapping):  # where the kernel gives huge pages unasked (enabled=always),
+            mapping.madvise(mmap.MADV_NOHUGEPAGE, start + whole)  # the rest must not get one
     except OSError:  # a kernel built without transparent huge pages
         pass
     return memoryview(mapping)[start:start + length]
