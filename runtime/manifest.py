@@ -128,6 +128,7 @@ class Manifest:
 DIMS = ("hidden_size", "vocab_size", "num_layers", "max_position_embeddings")
 MOE_DIMS = ("num_experts", "top_k", "expert_intermediate_size")
 TOKENIZER_JSON = "tokenizer/tokenizer.json"
+SMALL_FILE_BYTES = 256 << 20  # the most of a small package file (the tokenizer) read whole
 EXPERT_VARIANTS = {"swiglu": (), "swiglu_oss": ("limit", "alpha")}  # each variant's numeric constants
 SUFFIXES = (".onnx", ".data")  # of each expert's graph and weights
 REQUIRED = {
@@ -477,11 +478,21 @@ def verify_file(manifest: Manifest, name: str, data: bytes | None = None) -> Non
 
 
 def read_verified(manifest: Manifest, name: str) -> bytes:
-    """A small package file's bytes, verified: what is parsed is exactly what was hashed."""
+    """A small package file's bytes, verified: what is parsed is exactly what was hashed. Read
+    whole, so never past SMALL_FILE_BYTES nor past the size the manifest lists (a sparse file of
+    any size costs a stranger nothing to ship)."""
     if name not in manifest.files:
         raise ManifestError(f"{manifest.root / MANIFEST}: file {name} is not listed under files")
-    _regular_file(manifest.root, name)
-    data = (manifest.root / name).read_bytes()
+    _check_size(manifest, name, _regular_file(manifest.root, name).st_size)
+    path, listed = manifest.root / name, manifest.files[name]["bytes"]
+    if listed > SMALL_FILE_BYTES:
+        raise ManifestError(f"package file {path} is listed at {listed} bytes, larger than {SMALL_FILE_BYTES >> 20} "
+                            "MiB; a tokenizer.json is a few MB (Qwen3's: 11 MB)")
+    try:
+        with open(path, "rb") as file:
+            data = file.read(listed + 1)  # (a file that grew since fails the size check below)
+    except OSError as error:
+        raise ManifestError(f"package file {path} cannot be read: {error.strerror}") from None
     verify_file(manifest, name, data)
     return data
 

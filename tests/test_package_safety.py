@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -236,6 +237,19 @@ def test_tokenizer_that_is_not_json_is_refused(package):
     relist(package, "tokenizer/tokenizer.json")
     message = one_line_error(package)
     assert "tokenizer/tokenizer.json" in message and "tokenizer" in message, message
+
+
+def test_a_huge_tokenizer_is_refused_unread(package):
+    """A sparse file costs a stranger nothing to ship: a tokenizer.json listed at 4 GiB (of its
+    true size: only the hash is wrong, and it is checked once the bytes are read) was read whole."""
+    name = "tokenizer/tokenizer.json"
+    with open(package / name, "r+b") as file:
+        file.truncate(4 << 30)
+    edit_manifest(package, lambda m: m["files"][name].update(bytes=4 << 30))
+    started = time.monotonic()
+    message = one_line_error(package)
+    assert name in message and "larger than 256 MiB" in message, message
+    assert time.monotonic() - started < 30  # (reading 4 GiB of zeros and hashing them takes longer here)
 
 
 def _set(path: str | tuple, value):
