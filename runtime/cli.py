@@ -181,8 +181,9 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
 
     providers = args.providers.split(",") if args.providers else None
     try:
-        routing = routing_record(args)
-        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, providers=providers,
+        manifest = load_manifest(args.package)
+        routing = routing_record(args, manifest)
+        runtime = Runtime(manifest, profile=args.profile, draft_len=args.draft_len, providers=providers,
                           strict=args.strict, draft=args.draft, **expert_cache_options(args),
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
@@ -199,9 +200,10 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
     return code
 
 
-def routing_record(args: argparse.Namespace) -> RoutingRecord | None:
-    """--save-routing's record, its file checked against the package before the runtime loads."""
-    return RoutingRecord(args.save_routing, load_manifest(args.package)) if args.save_routing else None
+def routing_record(args: argparse.Namespace, manifest) -> RoutingRecord | None:
+    """--save-routing's record, its file checked against the package's manifest before the
+    runtime loads."""
+    return RoutingRecord(args.save_routing, manifest) if args.save_routing else None
 
 
 def save_routing(record: RoutingRecord, program: str) -> bool:

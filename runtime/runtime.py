@@ -26,7 +26,7 @@ from spac.ops.sessions import SessionFactory, cuda_available
 from .chat import chat_prompt
 from .expert_stack import (ExpertOptions, build_draft_copies, build_experts, draft_copies_bytes, host_budget_bytes,
                            pages_on_host, verify_trunk)
-from .manifest import load_manifest
+from .manifest import Manifest, load_manifest
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_limit, return_freed_buffers_to_the_kernel
 from .model import ModelRunner
 from .profile import load_profile
@@ -112,7 +112,9 @@ class Runtime:
                  static_frequencies=None, global_thread_pool: bool = False, device_tier: str | None = None,
                  draft: str | None = None, min_draft_confidence: float = 0.0,
                  memory_limit: int | str | None = None, direct_io: bool = True, layer_lookahead: bool = False):
-        """`policy`, `host_budget` (a fraction of the expert bytes, or bytes) and `estimator`
+        """`package`: a package folder, or its Manifest (spac.runtime.manifest.load_manifest) when
+        the caller has loaded it already. `policy`, `host_budget` (a fraction of the expert bytes,
+        or bytes) and `estimator`
         override the profile's; `static_frequencies` (routing counts from an earlier run: a file
         that spac-run --save-routing or count_routing() wrote, or a [layer, expert] array) choose
         the `static` policy's resident set (spac.runtime.routing). `global_thread_pool` shares one
@@ -132,7 +134,7 @@ class Runtime:
         expert files with O_DIRECT (spac.ops.direct_io), past the page cache, through the same
         integrity checks (False: buffered reads, each file dropped from the page cache after); `layer_lookahead` (spac policy) reads the experts the next layers' routers guess
         from the current hidden state while the current layer computes (spac.ops.lookahead)."""
-        self.manifest = load_manifest(package)
+        self.manifest = package if isinstance(package, Manifest) else load_manifest(package)
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
         self.profile.validate_for_package(self.manifest.trunk_bytes(), self.manifest.expert_bytes_total())

@@ -31,6 +31,7 @@ from . import openai_api as api
 from .chat import chat_prompt
 from .cli import add_expert_cache_flags, expert_cache_options, routing_record, save_routing
 from .logs import add_logging_flags, setup_logging
+from .manifest import load_manifest
 from .runtime import GenerationError
 
 log = logging.getLogger("spac.server")
@@ -498,8 +499,9 @@ def main(argv=None) -> int:
     from .runtime import Runtime
 
     try:
-        routing = routing_record(args)
-        runtime = Runtime(args.package, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True,
+        manifest = load_manifest(args.package)
+        routing = routing_record(args, manifest)
+        runtime = Runtime(manifest, profile=args.profile, draft_len=args.draft_len, global_thread_pool=True,
                           **expert_cache_options(args))
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-serve: error: {error}", file=sys.stderr)

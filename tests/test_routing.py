@@ -195,6 +195,26 @@ def test_save_routing_is_checked_before_the_runtime_loads(tmp_path, package, cap
         Runtime(broken)
 
 
+def test_save_routing_loads_the_manifest_once(tmp_path, package, monkeypatch):
+    """The record checks its file against the manifest the runtime then runs from: a DeepSeek-V3
+    sized manifest (29,696 files) takes about 2 s to load and check."""
+    from spac.runtime import runtime as runtime_module
+
+    loads = []
+    real = load_manifest
+
+    def counted(folder):  # the real loader, counted
+        loads.append(folder)
+        return real(folder)
+
+    monkeypatch.setattr(cli, "load_manifest", counted)
+    monkeypatch.setattr(runtime_module, "load_manifest", counted)
+    path = tmp_path / "routing.json"
+    assert cli.main(["--package", str(package), "--prompt", PROMPT, "--max-new-tokens", "2",
+                     "--save-routing", str(path)]) == 0
+    assert len(loads) == 1 and path.exists()
+
+
 def test_a_failed_save_keeps_the_old_counts(tmp_path, package, reference, capsys, monkeypatch):
     path = routing_file(tmp_path / "routing.json", reference[1])
     before = open(path).read()
