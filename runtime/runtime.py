@@ -114,12 +114,12 @@ class Runtime:
                  memory_limit: int | str | None = None, direct_io: bool = True, layer_lookahead: bool = False):
         """`package`: a package folder, or its Manifest (spac.runtime.manifest.load_manifest) when
         the caller has loaded it already. `policy`, `host_budget` (a fraction of the expert bytes,
-        or bytes) and `estimator`
-        override the profile's; `static_frequencies` (routing counts from an earlier run: a file
-        that spac-run --save-routing or count_routing() wrote, or a [layer, expert] array) choose
-        the `static` policy's resident set (spac.runtime.routing). `global_thread_pool` shares one
-        ORT thread pool across all sessions: faster, but every other ORT session in the process
-        must then be made with use_per_session_threads=False (see spac.ops.sessions).
+        or bytes) and `estimator` override the profile's; `static_frequencies` (routing counts
+        from an earlier run: a file that spac-run --save-routing or count_routing() wrote, or a
+        [layer, expert] array) choose the `static` policy's resident set (spac.runtime.routing).
+        `global_thread_pool` shares one ORT thread pool across all sessions: faster, but every
+        other ORT session in the process must then be made with use_per_session_threads=False
+        (see spac.ops.sessions).
         `device_tier="cpu"` runs the device tier (slots, balancer plans) on the CPU EP, to
         exercise it without a GPU (see spac.runtime.expert_stack.ExpertOptions). `draft` is what
         drafts (DRAFT_MODES): "model", the package's draft model (the default when it has one);
@@ -132,8 +132,9 @@ class Runtime:
         limit, else MemAvailable) sizes the host cache so that the whole process stays inside
         it, overriding `host_budget` (see spac.runtime.memory). `direct_io` (the default) reads
         expert files with O_DIRECT (spac.ops.direct_io), past the page cache, through the same
-        integrity checks (False: buffered reads, each file dropped from the page cache after); `layer_lookahead` (spac policy) reads the experts the next layers' routers guess
-        from the current hidden state while the current layer computes (spac.ops.lookahead)."""
+        integrity checks (False: buffered reads, each file dropped from the page cache after);
+        `layer_lookahead` (spac policy) reads the experts the next layers' routers guess from the
+        current hidden state while the current layer computes (spac.ops.lookahead)."""
         self.manifest = package if isinstance(package, Manifest) else load_manifest(package)
         self.tokenizer = TextTokenizer(self.manifest)  # before the sessions: a bad tokenizer fails fast
         self.profile = load_profile(profile)
