@@ -488,11 +488,8 @@ def read_verified(manifest: Manifest, name: str) -> bytes:
     if listed > SMALL_FILE_BYTES:
         raise ManifestError(f"package file {path} is listed at {listed} bytes, larger than {SMALL_FILE_BYTES >> 20} "
                             "MiB; a tokenizer.json is a few MB (Qwen3's: 11 MB)")
-    try:
-        with open(path, "rb") as file:
-            data = file.read(listed + 1)  # (a file that grew since fails the size check below)
-    except OSError as error:
-        raise ManifestError(f"package file {path} cannot be read: {error.strerror}") from None
+    # (a file that grew after the size check above is refused, not read on)
+    data = read_bounded(path, listed, ManifestError, f"package file {path}", f"the manifest lists {listed} bytes")
     verify_file(manifest, name, data)
     return data
 
@@ -560,7 +557,8 @@ def read_bounded(path: str | os.PathLike, limit: int, error: type[Exception], la
     except OSError as exc:
         raise error(f"{label}: cannot be read: {exc.strerror}") from None
     if len(raw) > limit:
-        raise error(f"{label}: larger than {limit >> 20} MiB; {expected}")
+        bound = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+        raise error(f"{label}: larger than {bound}; {expected}")
     return raw
 
 

@@ -363,20 +363,22 @@ class HeadDeadlineProtocol(H11Protocol):
 
     def handle_events(self) -> None:
         super().handle_events()
-        if self.cycle is not self.awaited_after and self.head_deadline is not None:  # a head arrived
-            self.head_deadline.cancel()
-            self.head_deadline = None
+        if self.cycle is not self.awaited_after:  # a head arrived
+            self._stop_head_deadline()
 
     def connection_lost(self, exc) -> None:
-        if self.head_deadline is not None:
-            self.head_deadline.cancel()
+        self._stop_head_deadline()
         super().connection_lost(exc)
 
     def _await_head(self) -> None:
-        if self.head_deadline is not None:
-            self.head_deadline.cancel()
+        self._stop_head_deadline()
         self.awaited_after = self.cycle
         self.head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _stop_head_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
 
     def _head_timed_out(self) -> None:
         self.head_deadline = None
