@@ -178,6 +178,12 @@ def run_capped(cap: int | None, config: dict) -> dict:
     return result
 
 
+def model_bytes(manifest) -> int:
+    """The package's bytes, which caps are shares of: the draft copies, which only a self-draft
+    holds, do not count."""
+    return sum(entry["bytes"] for name, entry in manifest.files.items() if name not in manifest.draft_expert_data)
+
+
 # ------------------------------------------------------------------------------------ bounds
 
 
@@ -418,9 +424,7 @@ def main(argv=None) -> int:
     from spac.runtime.manifest import load_manifest
 
     manifest = load_manifest(args.package)
-    # The model's bytes: the draft copies, which only a self-draft holds, do not count
-    package_bytes = sum(entry["bytes"] for name, entry in manifest.files.items()
-                        if name not in manifest.draft_expert_data)
+    package_bytes = model_bytes(manifest)
     copies = manifest.target.draft_experts is not None
     expert_bytes = manifest.target.experts.bytes_per_expert
     prompts, calibration = prompt_sets(args.prompts)

@@ -3,7 +3,8 @@
 the trained model, at several host budgets, interleaved in one run.
 
     python scripts/bench_self_speculative.py [--budgets 0.17 0.25 0.45 1.0] [--repeats 2]
-                                             [--max-new-tokens 48] [--out results/bench_self_speculative.json]
+                                             [--max-new-tokens 48] [--memory-cap 0.75]
+                                             [--out results/bench_self_speculative.json]
 
 Contenders, each in a fresh Runtime per budget and repeat (the order rotates every repeat, so
 all of them see the same machine):
@@ -18,6 +19,13 @@ all of them see the same machine):
   ... c0.5          draft or self SD whose rounds stop drafting after a token the draft gave
                     less than 50 % (Runtime(min_draft_confidence=0.5))
 At 100 % every expert is resident (no pager): the policy does not matter there.
+
+With --memory-cap every run is a fresh process inside a real memory cap (a cgroup-v1 group,
+scripts/memory_cap.py; root only) of that share of the package's bytes, as bench_memory.py's
+--caps, after the page cache is dropped. The host budget stays the one --budgets gives, so every
+contender caches the same experts and the cap must hold the largest of them (self SD holds its
+draft copies too); the run's peak memory and OOM kills are reported. bench_memory.py instead
+sizes each run's cache to fill the cap (--memory-limit auto).
 
 Reports decode tokens/s, acceptance, the draft's substitution rate, draft and verify ms per
 round, and the ratios self/no-SD and self/draft per budget; every run must give the same greedy
@@ -42,6 +50,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import memory_cap  # noqa: E402  (sibling scripts, not a package)
+from bench_memory import model_bytes  # noqa: E402
 from bench_paging import PAGE_CACHE, REPO, TRAINED, export  # noqa: E402
 from spac.bench.prompts import PAGING_MODULES, function_openings, warmup_prompt  # noqa: E402
 from spac.runtime.profile import SELF_DRAFT_LEN  # noqa: E402
@@ -74,7 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     p.add_argument("--trained", type=Path, default=TRAINED, help="folder with small-moe/ and small-draft/")
     p.add_argument("--packages", type=Path, default=REPO / "cache" / "packages", help="where the export goes")
+    p.add_argument("--memory-cap", type=float, metavar="FRACTION",
+                   help="run each contender inside a memory cap of this share of the package's bytes (root)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench_self_speculative.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one run inside the cap
     return p.parse_args(argv)
 
 
@@ -108,6 +121,30 @@ def run(packages: dict, texts: list[str], warmup: str, args, budget: float, name
             "prefetch": flat.get("prefetch"), "token_ids": tokens}
 
 
+def run_capped(cap: int, packages: dict, texts: list[str], warmup: str, args, budget: float, name: str) -> dict:
+    """`run` in a fresh process inside a memory cap of `cap` bytes, the page cache dropped first."""
+    config = {"packages": {kind: str(path) for kind, path in packages.items()}, "texts": texts, "warmup": warmup,
+              "budget": budget, "name": name,
+              "args": {key: getattr(args, key) for key in ("draft_len", "threads", "max_new_tokens")}}
+    memory_cap.drop_page_cache()
+    with memory_cap.MemoryCap(cap) as group:
+        done = group.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)],
+                         capture_output=True, text=True)
+        oom, peak = group.oom_kills, group.peak_bytes
+    if done.returncode != 0:
+        last_line = (done.stderr.strip().splitlines() or [""])[-1][-400:]  # the error's own line
+        raise SystemExit(f"error: {name} at a {budget:.0%} host budget failed inside the {cap / 1e6:.0f} MB cap "
+                         f"(exit {done.returncode}, OOM kills {oom}): {last_line}; give a larger --memory-cap")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "peak_bytes": peak, "oom_kills": oom}
+
+
+def worker(config: dict) -> dict:
+    """The capped process's side of run_capped."""
+    packages = {kind: Path(path) for kind, path in config["packages"].items()}
+    return run(packages, config["texts"], config["warmup"], argparse.Namespace(**config["args"]),
+               config["budget"], config["name"])
+
+
 def median_runs(repeats: list[dict]) -> dict:
     """The median of each number over the repeats (token ids from the first)."""
     merged = dict(repeats[0])
@@ -115,6 +152,9 @@ def median_runs(repeats: list[dict]) -> dict:
         if isinstance(value, float):
             merged[key] = float(np.median([r[key] for r in repeats]))
     merged["tokens_per_second_each"] = [r["tokens_per_second"] for r in repeats]
+    if "peak_bytes" in merged:  # run inside a cap: every repeat's peak, and every OOM kill
+        merged["peak_bytes_each"] = [r["peak_bytes"] for r in repeats]
+        merged["oom_kills"] = sum(r["oom_kills"] for r in repeats)
     return merged
 
 
@@ -132,18 +172,30 @@ def ratios(runs: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.memory_cap is not None and memory_cap.available():
+        raise SystemExit(f"error: cannot cap memory here: {memory_cap.available()}")
     model, draft = args.trained / "small-moe", args.trained / "small-draft"
     if not (model / "config.json").exists() or not (draft / "config.json").exists():
         raise SystemExit(f"no trained model in {args.trained} (run scripts/train_small_moe.py)")
     packages = {"plain": export(model, draft, args.packages / "small-moe"),
                 "copies": export(model, draft, args.packages / "small-moe-copies", "--draft-experts", "int4")}
     os.sync()  # DONTNEED cannot drop dirty pages: flush what the export just wrote
+    cap = None
+    if args.memory_cap is not None:
+        from spac.runtime.manifest import load_manifest
+
+        cap = int(args.memory_cap * model_bytes(load_manifest(packages["plain"])))
     warmup = warmup_prompt()
     texts = list(function_openings(PAGING_MODULES).values())[:PROMPT_COUNT]
     print(f"packages: {', '.join(map(str, packages.values()))}; {PROMPT_COUNT} prompts × {args.max_new_tokens} "
           f"tokens, γ = {args.draft_len}, "
           f"{args.threads} threads, {args.repeats} repeats, load average {os.getloadavg()[0]:.1f}")
-    print(f"storage reads: {PAGE_CACHE}\n")
+    print(f"storage reads: {PAGE_CACHE}")
+    print(f"memory cap: {cap / 1e6:.0f} MB ({args.memory_cap:.0%} of the package), a fresh process per run, "
+          "page cache dropped\n" if cap else "memory cap: none\n")
 
     measured = {budget: {name: [] for name in CONTENDERS} for budget in args.budgets}
     started = time.perf_counter()
@@ -152,11 +204,13 @@ def main(argv=None) -> int:
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for budget in args.budgets:
             for name in order:
-                measured[budget][name].append(run(packages, texts, warmup, args, budget, name))
+                measured[budget][name].append(run(packages, texts, warmup, args, budget, name) if cap is None else
+                                              run_capped(cap, packages, texts, warmup, args, budget, name))
     results = {budget: {name: median_runs(reps) for name, reps in runs.items()} for budget, runs in measured.items()}
 
     lossless = True
-    print(f"{'budget':<8}{'run':<18}{'tok/s':>8}{'accept':>8}{'subst':>7}{'hit':>7}{'draft ms':>10}{'verify ms':>11}")
+    print(f"{'budget':<8}{'run':<18}{'tok/s':>8}{'accept':>8}{'subst':>7}{'hit':>7}{'draft ms':>10}{'verify ms':>11}"
+          + (f"{'peak MB':>9}" if cap else ""))
     for budget, runs in results.items():
         reference = runs["no SD (lru)"]["token_ids"]
         lossless &= all(r["token_ids"] == reference for r in runs.values())
@@ -164,7 +218,8 @@ def main(argv=None) -> int:
             sd = not name.startswith("no SD")
             print(f"{budget:<8.0%}{name:<18}{r['tokens_per_second']:>8.1f}{_pct(r['acceptance_rate'], sd):>8}"
                   f"{_pct(r['substitution_rate'], name.startswith('self')):>7}{r['hit_rate']:>7.0%}"
-                  f"{r['draft_ms_per_round']:>10.2f}{r['verify_ms_per_round']:>11.2f}")
+                  f"{r['draft_ms_per_round']:>10.2f}{r['verify_ms_per_round']:>11.2f}"
+                  + (f"{max(r['peak_bytes_each']) / 1e6:>9.0f}" if cap else ""))
         print("        " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios(runs).items()))
     print(f"every run produced the same greedy tokens: {'yes' if lossless else 'NO'}; "
           f"{time.perf_counter() - started:.0f} s")
@@ -173,7 +228,7 @@ def main(argv=None) -> int:
         "packages": {kind: str(path) for kind, path in packages.items()}, "prompts": PROMPT_COUNT,
         "max_new_tokens": args.max_new_tokens,
         "draft_len": args.draft_len, "threads": args.threads, "repeats": args.repeats, "page_cache": PAGE_CACHE,
-        "load_average": os.getloadavg()[0], "contenders": {k: {**v} for k, v in CONTENDERS.items()},
+        "load_average": os.getloadavg()[0], "memory_cap_bytes": cap, "contenders": {k: {**v} for k, v in CONTENDERS.items()},
         "budgets": {f"{budget:.0%}": {"runs": {name: {k: v for k, v in r.items() if k != "token_ids"}
                                                for name, r in runs.items()}, "ratios": ratios(runs)}
                     for budget, runs in results.items()},

@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, Qw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_models import build_tokenizer  # noqa: E402  (a sibling script, not a package)
+from spac.bench.prompts import PROMPT_CHARS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MOE_DIR, DRAFT_DIR, REPORT = "small-moe", "small-draft", "train_report.json"
@@ -57,6 +58,10 @@ HELDOUT_PERCENT = 10
 EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test"}
 HEAD_DIM = 32
 PROMPT_TOKENS = 64  # context given to speculative decoding before it generates
+# The benchmarks' prompts are PROMPT_CHARS characters of source; a tokenizer trained on a few
+# files (--quick) spends up to a token a character on them, and the benchmarks generate up to 48
+# tokens after them, plus a round's draft.
+BENCH_CONTEXT = PROMPT_CHARS + 64
 
 # --quick overrides these so the whole pipeline runs in about 20 s on an idle machine (the
 # architecture is kept, so tests cover the real code path).
@@ -202,7 +207,7 @@ def draft_config(args, vocab: int, special_ids: dict) -> Qwen3Config:
 
 def _context(args) -> int:
     # Speculative decoding runs past the prompt by spec_tokens plus one round's draft.
-    return max(args.seq_len, PROMPT_TOKENS + args.spec_tokens + args.gamma + 1)
+    return max(args.seq_len, PROMPT_TOKENS + args.spec_tokens + args.gamma + 1, BENCH_CONTEXT)
 
 
 # ---------------------------------------------------------------- training

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import memory_cap
 import pytest
 
 from test_bench import synthetic_trace
@@ -112,6 +113,13 @@ def test_train_then_bench_paging(clone):
     result = json.loads((clone[0] / "results" / "bench_self_speculative.json").read_text())
     runs = set(result["budgets"]["25%"]["runs"])
     assert result["lossless"] and runs >= {"no SD (lru)", "draft SD", "self SD", "self SD (copies)"}
+    if memory_cap.available() is None:  # a cap far too small: the first run is killed inside it, one line says so
+        folder, env = clone
+        done = subprocess.run([sys.executable, "scripts/bench_self_speculative.py", "--budgets", "0.25", "--repeats",
+                               "1", "--max-new-tokens", "4", "--memory-cap", "0.001"], cwd=folder, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert "failed inside the" in done.stderr and "give a larger --memory-cap" in done.stderr
 
 
 @pytest.mark.slow
