@@ -112,9 +112,10 @@ def replay(trace: dict, policy: str, budget: float, profile, scale: Scale, estim
     MoE layer after its share of the trunk. On a GPU, `lru` fetches every miss over the link and
     runs all experts on the GPU (MixtralOffload); `static` and `spac` split each layer between the
     GPU (cached experts) and the CPU (misses, from host RAM) with the balancer's greedy plan. On
-    the CPU a miss is a storage read. `spac` prefetches, after each pass, the highest-utility
-    experts over the link, one at a time, served as the prefetcher serves them (by layer, then
-    utility), dropping a request whose layer has started (the pager's rules). Decode rounds are timed and counted; prefill and warm-up prompts only change the cache.
+    the CPU a miss is a storage read. `spac` prefetches, after each pass of a prompt decoded with
+    a draft, the highest-utility experts over the link, one at a time, served as the prefetcher
+    serves them (by layer, then utility), dropping a request whose layer has started (the pager's
+    rules). Decode rounds are timed and counted; prefill and warm-up prompts only change the cache.
     """
     from spac.runtime.balancer import Costs, LayerInput, greedy_layer, layer_time
     from spac.runtime.estimator import make_estimator
@@ -210,6 +211,8 @@ def replay(trace: dict, policy: str, budget: float, profile, scale: Scale, estim
     for prompt in trace["prompts"]:
         counted = not prompt.get("warmup")
         produced = 0
+        # As the pager: the highest utilities are prefetched only while a draft runs (PagedExperts.end_round)
+        draft_follows = any(rnd["kind"] == "verify" for rnd in prompt["rounds"])
         for rnd in prompt["rounds"]:
             counts = np.asarray(rnd["counts"], dtype=np.int64)
             kind, T = rnd["kind"], rnd["tokens"]
@@ -246,7 +249,7 @@ def replay(trace: dict, policy: str, budget: float, profile, scale: Scale, estim
                 totals["dropped"] += len(queue)
                 utilities = est.utilities()
                 wanted = []
-                for flat in np.argsort(-utilities, axis=None, kind="stable")[:capacity]:
+                for flat in np.argsort(-utilities, axis=None, kind="stable")[:capacity if draft_follows else 0]:
                     key = divmod(int(flat), E)
                     if utilities[key] <= 0:
                         break

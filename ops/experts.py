@@ -40,9 +40,10 @@ class Experts(Protocol):
         """A draft wanted these experts of `layer` and did not have them: the next (verify) pass
         will, so they are the first to prefetch."""
 
-    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0) -> None:
+    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0, draft_follows: bool = True) -> None:
         """A forward pass of the target ended (prefill, a plain decode step or a verify pass).
-        `proposed`: the draft tokens that pass verified; `draft_seconds`: the draft's time."""
+        `proposed`: the draft tokens that pass verified; `draft_seconds`: the draft's time;
+        `draft_follows`: a draft runs before the next pass (False: plain decoding)."""
 
     def resident(self, layer: int) -> set[int]:
         """The experts of `layer` held in fast memory (host cache or device) right now."""
@@ -122,7 +123,7 @@ class ResidentExperts:
     def resident(self, layer: int) -> set[int]:
         return set(range(self.manifest.target.dims["num_experts"])) if layer in self.manifest.target.moe_layers else set()
 
-    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0) -> None:
+    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0, draft_follows: bool = True) -> None:
         """Nothing to do: every expert stays where it is."""
 
     def lookahead(self, layer: int, experts: Sequence[int]) -> None:

@@ -306,11 +306,14 @@ class PagedExperts:
 
     # --- rounds ----------------------------------------------------------------------------------
 
-    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0) -> None:
+    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0, draft_follows: bool = True) -> None:
         """A forward pass of the target finished: update utilities and queue the next round's
         prefetches and plan. `draft_seconds` (how long the last draft took) is the link time the
         balancer may count on behind the next round; `proposed` (the draft tokens that pass
-        verified) is not used by this pager."""
+        verified) is not used by this pager. The highest utilities are prefetched only when
+        `draft_follows`: the draft's time hides their reads. In plain decoding the next pass starts
+        at once and they only compete with its own misses (at a 45 % cap on the memory testbed,
+        spac without SD read 11.2 GB with them against 7.0 GB without, at 0.74x the speed)."""
         # Between passes no layer is being computed, so none is frozen while the draft runs, and
         # every prefetch queued before is stale.
         self.position.pass_id += 1
@@ -323,7 +326,7 @@ class PagedExperts:
             utilities = self.estimator.utilities()
             self.host.set_utilities(utilities)
             if self.prefetcher is not None:
-                self.prefetcher.replace(self._prefetch_targets(utilities))
+                self.prefetcher.replace(self._prefetch_targets(utilities) if draft_follows else [])
         if self.planner and self.device:  # the next round's plan is solved while the draft runs
             self.planner.submit(self.counts, [self.device.resident(l) for l in range(len(self.counts))],
                                 self.device.free(), window_ms=draft_seconds * 1000.0)

@@ -101,7 +101,7 @@ class SelfDraftExperts:
     def lookahead(self, layer: int, experts: Sequence[int]) -> None:
         self.target.lookahead(layer, experts)
 
-    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0) -> None:
+    def end_round(self, proposed: Sequence[int] = (), draft_seconds: float = 0.0, draft_follows: bool = True) -> None:
         """The target's stack hears the rounds; the draft has nothing to do at their end."""
 
     def reset_stats(self) -> None:

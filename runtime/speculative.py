@@ -197,7 +197,7 @@ class Decoder:
                 runner.reset()
         self.stats.reused = self.target.length
         logits = self.target.forward(self.tokens[self.target.length:])[-1]
-        self._end_round()
+        self._end_round(draft_follows=self.draft is not None)
         return self._append(logits)
 
     def _append(self, logits: np.ndarray) -> int:
@@ -209,7 +209,7 @@ class Decoder:
         """One round: the new tokens (at least one). draft_len 0 (or no draft) is plain decoding."""
         if not self.draft or draft_len <= 0:
             logits = self.target.forward(self.tokens[self.target.length:])[-1]
-            self._end_round()
+            self._end_round(draft_follows=self.draft is not None and draft_len > 0)
             return [self._append(logits)]
         started = time.perf_counter()
         drafts, draft_probs = self._propose(draft_len)
@@ -224,9 +224,10 @@ class Decoder:
         self.draft.truncate(min(self.draft.length, len(self.tokens) - 1))
         return new
 
-    def _end_round(self, proposed: tuple[int, ...] | list[int] = (), draft_seconds: float = 0.0) -> None:
+    def _end_round(self, proposed: tuple[int, ...] | list[int] = (), draft_seconds: float = 0.0,
+                   draft_follows: bool = True) -> None:
         if self.experts is not None:
-            self.experts.end_round(proposed=proposed, draft_seconds=draft_seconds)
+            self.experts.end_round(proposed=proposed, draft_seconds=draft_seconds, draft_follows=draft_follows)
 
     def _propose(self, count: int):
         drafts, draft_probs = [], []

@@ -403,6 +403,17 @@ def test_prefetches_are_used(estimator, package):
     assert stats.prefetch_issued >= stats.prefetch_used
 
 
+def test_plain_decoding_prefetches_nothing(package):
+    """Without a draft the next pass starts at once: utility prefetches would only compete with
+    its misses, so none is issued; the same runtime prefetches again once it drafts."""
+    with Runtime(package(), draft_len=DRAFT_LEN, policy="spac", host_budget=0.5, estimator="decayed") as runtime:
+        plain = runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS, speculative=False)
+        drafted = runtime.generate(REPETITIVE_PROMPT, max_new_tokens=NEW_TOKENS, speculative=True)
+    assert plain.stats.experts.paging.host_misses > 0
+    assert plain.stats.experts.paging.prefetch_issued == 0
+    assert drafted.stats.experts.paging.prefetch_issued > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Failure and shutdown
 
