@@ -407,7 +407,7 @@ def profile_from_dict(data: Any, source: str = "<dict>", default_name: str = "")
         self_draft_len=r.number(data.get("self_draft_len", SELF_DRAFT_LEN), "self_draft_len", minimum=1,
                                 maximum=MAX_DRAFT_LEN, integer=True),
         policy=r.choice(data.get("policy", "spac"), "policy", POLICIES),
-        estimator=_estimator(r, data.get("estimator", "spac-counter")),
+        estimator=_estimator(r, data.get("estimator", "decayed")),
         balancer=_balancer(r, data.get("balancer", {})),
         source=source,
     )

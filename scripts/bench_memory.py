@@ -9,8 +9,8 @@ PKG is the spac package of MODEL_DIR (the memory testbed: scripts/make_testbed.p
 spac-export). For every cap (a fraction of the package's bytes, not counting draft copies of the
 experts) each contender runs in a fresh process inside its own cgroup-v1 memory group at that cap
 (scripts/memory_cap.py), after the page cache was dropped: llama.cpp (the same fp32 weights as
-GGUF, mmap, greedy), spac `lru` without speculative decoding, `static` + SD, `spac` + SD (with
-the package's draft model), and where the package has draft copies of its experts (spac-export
+GGUF, mmap, greedy), spac `lru` and `spac` without speculative decoding, `static` + SD, `spac`
++ SD (with the package's draft model), `spac` + SD + the layer lookahead, and where the package has draft copies of its experts (spac-export
 --draft-experts int4) `spac` + self SD at the profile's self_draft_len, which holds them inside
 the same cap. The spac runs size their host cache with `--memory-limit auto`, i.e. from the cap
 itself. Every spac run's greedy tokens are checked against transformers' `generate` on
@@ -60,6 +60,7 @@ from gguf_convert import (LLAMA_CPP_ENVIRONMENT, LLAMA_TYPE_OF_BITS, add_llama_c
 SELF = "spac+self SD"
 CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads with O_DIRECT
     "lru": (dict(policy="lru", direct_io=True), False),
+    "spac": (dict(policy="spac", direct_io=True), False),
     "static+SD": (dict(policy="static", direct_io=True), True),
     "spac+SD": (dict(policy="spac", direct_io=True), True),
     "spac+SD+lookahead": (dict(policy="spac", direct_io=True, layer_lookahead=True), True),
@@ -70,7 +71,7 @@ CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads w
 LLAMA = "llama.cpp (mmap)"
 LLAMA_BINARIES = ("llama-simple", "llama-bench")
 BEST = "spac+SD"  # the run the plotted bound is about
-COMPARED = (BEST, SELF)  # the runs whose ratios to every other run are reported
+COMPARED = ("spac", BEST, SELF)  # the runs whose ratios to every other run are reported
 
 
 def parse_args(argv=None) -> argparse.Namespace:
