@@ -47,12 +47,13 @@ class PagedExperts:
 
     def __init__(self, manifest, sessions, budget_bytes: int, policy: str = "spac", estimator=None,
                  frequencies: np.ndarray | None = None, verify=None, device: DeviceSlots | None = None,
-                 planner=None, reader=None, layer_lookahead=None):
+                 planner=None, reader=None, layer_lookahead=None, plain_decoding: bool = False):
         """`device` is the GPU tier and `planner` the workload balancer (plan_for(layer, counts,
         resident, free_slots) -> LayerPlan); without them every expert runs on the CPU. `reader`
         reads whole expert files (spac.ops.direct_io.DirectReader; None: pread);
         `layer_lookahead` (spac.ops.lookahead.Lookahead, with the spac policy) reads the experts
-        the next layers' routers guess early."""
+        the next layers' routers guess early; `plain_decoding`: the runtime never drafts, so its
+        passes after the prefill hold one token (see outside_reads_ahead)."""
         if policy == "spac" and estimator is None:
             raise ValueError("the spac policy needs a utility estimator")
         self.policy, self.estimator = policy, estimator
@@ -64,7 +65,7 @@ class PagedExperts:
         self.kernel = ExpertKernel(manifest, sessions, prepared=device is None)
         prepared = self.kernel.prepared_graph is not None
         self.reads_ahead = self.misses_read_ahead(prepared)
-        self.outside_ahead = self.outside_reads_ahead(policy, prepared)
+        self.outside_ahead = self.outside_reads_ahead(policy, prepared, manifest.target.dims["top_k"], plain_decoding)
         self.stats = ExpertStats(paging=PagingStats())
         self.position = PassPosition()
         self.host = HostCache(policy, self.capacity, self.position, self.stats.paging)
@@ -87,18 +88,21 @@ class PagedExperts:
         return PREPARED_READS_AHEAD if prepared else READ_THREADS
 
     @staticmethod
-    def outside_reads_ahead(policy: str, prepared: bool) -> int:
+    def outside_reads_ahead(policy: str, prepared: bool, top_k: int, plain_decoding: bool = False) -> int:
         """How many misses without a room in the cache are read ahead of the one computed (see
-        OUTSIDE_READS_AHEAD)."""
-        return OUTSIDE_READS_AHEAD if policy == "lru" else PagedExperts.misses_read_ahead(prepared)
+        OUTSIDE_READS_AHEAD). In plain decoding (`plain_decoding`: no draft) a pass of one token
+        has at most top_k misses a layer, so no more than top_k - 1 are ever read ahead then, and
+        no more are counted; a prefill then reads fewer ahead."""
+        ahead = OUTSIDE_READS_AHEAD if policy == "lru" else PagedExperts.misses_read_ahead(prepared)
+        return max(1, min(ahead, top_k - 1)) if plain_decoding else ahead
 
     @staticmethod
-    def read_buffers(manifest, prepared: bool, policy: str) -> int:
+    def read_buffers(manifest, prepared: bool, policy: str, plain_decoding: bool = False) -> int:
         """The most experts held outside the cache's slots at once: the misses without a room
         read ahead and the one being computed (a miss with a room, and every prefetch, is read
         into a slot); each as the kernel holds it (`prepared`: as a session), and the sessions
         being created. A self-draft computes from the cache only and adds none."""
-        outside = PagedExperts.outside_reads_ahead(policy, prepared) + 1
+        outside = PagedExperts.outside_reads_ahead(policy, prepared, manifest.target.dims["top_k"], plain_decoding) + 1
         return outside * cached_expert_bytes(manifest, prepared) + preparing_bytes(manifest, prepared)
 
     def reset_stats(self) -> None:

@@ -72,7 +72,7 @@ def parse_args(argv):
                              "the package has one; else self where it has draft copies and its experts are paged "
                              "without --memory-limit; else none)")
     parser.add_argument("--no-speculative", dest="speculative", action="store_false",
-                        help="plain decoding with the target only")
+                        help="plain decoding with the target only (no draft is loaded)")
     parser.add_argument("--providers", default=None,
                         help="comma-separated execution providers for experts, e.g. cuda,cpu (default: profile's)")
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back when CUDA is missing")
@@ -184,7 +184,8 @@ def main(argv=None, thread_pool: str = "per-session") -> int:
         manifest = load_manifest(args.package)
         routing = routing_record(args, manifest)
         runtime = Runtime(manifest, profile=args.profile, draft_len=args.draft_len, providers=providers,
-                          strict=args.strict, draft=args.draft, **expert_cache_options(args),
+                          strict=args.strict, draft=args.draft if args.speculative else "none",
+                          **expert_cache_options(args),
                           global_thread_pool=(args.thread_pool or thread_pool) == "global")
     except (PackageFileError, ProfileError, ValueError, RuntimeError) as error:
         print(f"spac-run: error: {error}", file=sys.stderr)

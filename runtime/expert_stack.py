@@ -39,6 +39,7 @@ class ExpertOptions:
     device_slots: int | None = None  # None: as many as the profile's device budget holds
     direct_io: bool = True  # read expert files with O_DIRECT (spac.ops.direct_io)
     layer_lookahead: bool = False  # read what later layers' routers guess early (spac policy; spac.ops.lookahead)
+    plain_decoding: bool = False  # no draft: every pass after the prefill is one token
 
 
 def verify_trunk(manifest: Manifest) -> None:
@@ -97,7 +98,8 @@ def build_experts(manifest: Manifest, profile: Profile, sessions: SessionFactory
                         options.static_frequencies, verify=lambda name, data: verify_file(manifest, name, data),
                         device=device, planner=planner, reader=DirectReader() if options.direct_io else None,
                         layer_lookahead=(Lookahead(load_routers(manifest), moe.dims["top_k"])
-                                         if options.layer_lookahead else None))
+                                         if options.layer_lookahead else None),
+                        plain_decoding=options.plain_decoding)
 
 
 def build_draft_copies(manifest: Manifest, sessions: SessionFactory, provider: str) -> ResidentExperts:

@@ -178,7 +178,8 @@ class Runtime:
             # The pager counts its budget in expert bytes as stored; the plan, in slots as held.
             host_budget = self.memory.cache_slots * self.manifest.target.experts.bytes_per_expert
         options = ExpertOptions(policy, host_budget, estimator, static_frequencies, self.provider, device_tier,
-                                direct_io=direct_io, layer_lookahead=layer_lookahead)
+                                direct_io=direct_io, layer_lookahead=layer_lookahead,
+                                plain_decoding=self.draft_mode == "none")
         self.experts = self.target.experts = build_experts(self.manifest, self.profile, self.sessions, options)
         self.target.join_experts()
         # A Runtime dropped without close() stops its reader and prefetch threads all the same.
@@ -201,7 +202,8 @@ class Runtime:
         sections = (self.manifest.target, self.manifest.draft if self.draft_mode == "model" else None)
         kv = sum(kv_cache_bytes(section, self.context, itemsize) for section in sections if section is not None)
         prepared = prepares_sessions(self.manifest, self.provider, device_tier)
-        buffers = PagedExperts.read_buffers(self.manifest, prepared, policy or self.profile.policy)
+        buffers = PagedExperts.read_buffers(self.manifest, prepared, policy or self.profile.policy,
+                                            plain_decoding=self.draft_mode == "none")
         plan = plan_memory(limit, kv, buffers,
                            cached_expert_bytes(self.manifest, prepared), loading)
         log.info("memory limit %.0f MB: %s", limit / 1e6, plan.as_dict())

@@ -59,8 +59,8 @@ from gguf_convert import (LLAMA_CPP_ENVIRONMENT, LLAMA_TYPE_OF_BITS, add_llama_c
 
 SELF = "spac+self SD"
 CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads with O_DIRECT
-    "lru": (dict(policy="lru", direct_io=True), False),
-    "spac": (dict(policy="spac", direct_io=True), False),
+    "lru": (dict(policy="lru", direct_io=True, draft="none"), False),  # as spac-run --no-speculative
+    "spac": (dict(policy="spac", direct_io=True, draft="none"), False),
     "static+SD": (dict(policy="static", direct_io=True), True),
     "spac+SD": (dict(policy="spac", direct_io=True), True),
     "spac+SD+lookahead": (dict(policy="spac", direct_io=True, layer_lookahead=True), True),

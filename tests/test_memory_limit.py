@@ -174,6 +174,28 @@ def test_a_self_draft_is_planned_without_a_draft_models_kv_cache(exported):
     assert plans["model"].kv_cache == target_kv + kv_cache_bytes(manifest.draft, context, itemsize)
 
 
+def test_plain_decoding_counts_the_read_buffers_a_one_token_pass_can_use(exported):
+    """Without a draft a pass after the prefill routes one token: a top-2 layer has at most 2
+    misses, one computed and one read ahead, so spac counts 2 buffers instead of 4 + 1, and its
+    cache gets the difference; the prefill then reads no more than that ahead either."""
+    from spac.runtime import Runtime
+
+    package = exported("qwen3_moe").output
+    manifest = load_manifest(package)
+    assert manifest.target.dims["top_k"] == 2
+    plans, tokens = {}, {}
+    for draft in ("model", "none"):
+        with Runtime(package, draft=draft, policy="spac", memory_limit=8 << 30) as runtime:
+            plans[draft] = runtime.memory
+        with Runtime(package, draft=draft, policy="spac", host_budget=0.25) as runtime:
+            assert runtime.experts.outside_ahead == (1 if draft == "none" else 4)
+            tokens[draft] = runtime.generate(PROMPT, max_new_tokens=8, speculative=False).token_ids
+    bytes_per_expert = manifest.target.experts.bytes_per_expert
+    assert plans["model"].read_buffers == 5 * bytes_per_expert
+    assert plans["none"].read_buffers == 2 * bytes_per_expert
+    assert tokens["none"] == tokens["model"]
+
+
 def test_a_session_copies_the_weights_it_is_given_from_memory():
     """Given from memory, a graph's initializers become the session's own: the caller's buffer
     can change or go once the session exists (so a prepared expert or a QMoE layer does not keep

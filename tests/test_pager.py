@@ -305,7 +305,7 @@ def test_expert_buffers_held_in_a_layer_stay_within_the_memory_plan(policy, slot
         run_layer(pager, 1, *[(e, (e + 1) % experts) for e in range(0, experts, 2)])
     finally:
         pager.close()
-    outside = PagedExperts.outside_reads_ahead(policy, prepared=False) + 1
+    outside = PagedExperts.outside_reads_ahead(policy, prepared=False, top_k=manifest.target.dims["top_k"]) + 1
     assert 0 < most[0] <= pager.capacity + outside, (most[0], pager.capacity, outside)
     assert len(pager.host.slots) <= pager.capacity and not pager.host.rooms
 
