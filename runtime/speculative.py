@@ -209,7 +209,7 @@ class Decoder:
         """One round: the new tokens (at least one). draft_len 0 (or no draft) is plain decoding."""
         if not self.draft or draft_len <= 0:
             logits = self.target.forward(self.tokens[self.target.length:])[-1]
-            self._end_round(draft_follows=self.draft is not None and draft_len > 0)
+            self._end_round(draft_follows=False)
             return [self._append(logits)]
         started = time.perf_counter()
         drafts, draft_probs = self._propose(draft_len)

@@ -10,9 +10,9 @@ spac-export). For every cap (a fraction of the package's bytes, not counting dra
 experts) each contender runs in a fresh process inside its own cgroup-v1 memory group at that cap
 (scripts/memory_cap.py), after the page cache was dropped: llama.cpp (the same fp32 weights as
 GGUF, mmap, greedy), spac `lru` and `spac` without speculative decoding, `static` + SD, `spac`
-+ SD (with the package's draft model), `spac` + SD + the layer lookahead, and where the package has draft copies of its experts (spac-export
---draft-experts int4) `spac` + self SD at the profile's self_draft_len, which holds them inside
-the same cap. The spac runs size their host cache with `--memory-limit auto`, i.e. from the cap
++ SD (with the package's draft model), `spac` + SD + the layer lookahead, and where the package
+has draft copies of its experts (spac-export --draft-experts int4) `spac` + self SD at the
+profile's self_draft_len, which holds them inside the same cap. The spac runs size their host cache with `--memory-limit auto`, i.e. from the cap
 itself. Every spac run's greedy tokens are checked against transformers' `generate` on
 MODEL_DIR. A package with quantized experts (spac-export --experts int4|int8) is measured
 against llama.cpp's type of the same bits (Q4_0, Q8_0, from its llama-quantize), and its runs'
@@ -166,17 +166,7 @@ def worker(config: dict) -> dict:
 
 def run_capped(cap: int | None, config: dict) -> dict:
     """The worker in a fresh process inside a cap of `cap` bytes (None: no cap), cache dropped."""
-    memory_cap.drop_page_cache()
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
-    with memory_cap.MemoryCap(cap or (1 << 50)) as group:
-        done = group.run(command, capture_output=True, text=True)
-        oom, peak = group.oom_kills, group.peak_bytes
-    if done.returncode != 0:
-        last_line = (done.stderr.strip().splitlines() or [""])[-1][-400:]  # an error's own line, not its traceback
-        return {"failed": f"exit {done.returncode}, oom kills {oom}: {last_line}", "oom_kills": oom}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result.update(oom_kills=oom, peak_bytes=peak)
-    return result
+    return memory_cap.run_worker(Path(__file__).resolve(), config, cap or (1 << 50))
 
 
 def model_bytes(manifest) -> int:

@@ -126,16 +126,11 @@ def run_capped(cap: int, packages: dict, texts: list[str], warmup: str, args, bu
     config = {"packages": {kind: str(path) for kind, path in packages.items()}, "texts": texts, "warmup": warmup,
               "budget": budget, "name": name,
               "args": {key: getattr(args, key) for key in ("draft_len", "threads", "max_new_tokens")}}
-    memory_cap.drop_page_cache()
-    with memory_cap.MemoryCap(cap) as group:
-        done = group.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)],
-                         capture_output=True, text=True)
-        oom, peak = group.oom_kills, group.peak_bytes
-    if done.returncode != 0:
-        last_line = (done.stderr.strip().splitlines() or [""])[-1][-400:]  # the error's own line
+    result = memory_cap.run_worker(Path(__file__).resolve(), config, cap)
+    if "failed" in result:
         raise SystemExit(f"error: {name} at a {budget:.0%} host budget failed inside the {cap / 1e6:.0f} MB cap "
-                         f"(exit {done.returncode}, OOM kills {oom}): {last_line}; give a larger --memory-cap")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "peak_bytes": peak, "oom_kills": oom}
+                         f"({result['failed']}); give a larger --memory-cap")
+    return result
 
 
 def worker(config: dict) -> dict:

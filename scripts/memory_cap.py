@@ -10,8 +10,10 @@ this machine can do it (and why not).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -46,6 +48,20 @@ def drop_page_cache() -> None:
     """Write back and drop the page cache, so that every run starts from the disk."""
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def run_worker(script: Path, config: dict, cap: int) -> dict:
+    """`python script --worker CONFIG` (a benchmark's own run) in a fresh process inside a cap of
+    `cap` bytes, the page cache dropped first: the JSON its last line printed, with the group's
+    oom_kills and peak_bytes; or {"failed": why, "oom_kills": n} when it did not exit 0."""
+    drop_page_cache()
+    with MemoryCap(cap) as group:
+        done = group.run([sys.executable, str(script), "--worker", json.dumps(config)], capture_output=True, text=True)
+        oom, peak = group.oom_kills, group.peak_bytes
+    if done.returncode != 0:
+        last_line = (done.stderr.strip().splitlines() or [""])[-1][-400:]  # an error's own line, not its traceback
+        return {"failed": f"exit {done.returncode}, oom kills {oom}: {last_line}", "oom_kills": oom}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "oom_kills": oom, "peak_bytes": peak}
 
 
 class MemoryCap:
