@@ -174,7 +174,7 @@ def test_a_self_draft_is_planned_without_a_draft_models_kv_cache(exported):
     assert plans["model"].kv_cache == target_kv + kv_cache_bytes(manifest.draft, context, itemsize)
 
 
-def test_plain_decoding_counts_the_read_buffers_a_one_token_pass_can_use(exported):
+def test_plain_decoding_counts_the_read_buffers_a_one_token_pass_can_use(exported, model_pair):
     """Without a draft a pass after the prefill routes one token: a top-2 layer has at most 2
     misses, one computed and one read ahead, so spac counts 2 buffers instead of 4 + 1, and its
     cache gets the difference; the prefill then reads no more than that ahead either."""
@@ -193,7 +193,11 @@ def test_plain_decoding_counts_the_read_buffers_a_one_token_pass_can_use(exporte
     bytes_per_expert = manifest.target.experts.bytes_per_expert
     assert plans["model"].read_buffers == 5 * bytes_per_expert
     assert plans["none"].read_buffers == 2 * bytes_per_expert
-    assert tokens["none"] == tokens["model"]
+    ids = torch.tensor([TextTokenizer(manifest).encode_prompt(PROMPT)])
+    model = AutoModelForCausalLM.from_pretrained(model_pair("qwen3_moe")[0])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                              do_sample=False)[0, ids.shape[1]:].tolist()
+    assert tokens["none"] == tokens["model"] == expected
 
 
 def test_a_session_copies_the_weights_it_is_given_from_memory():
