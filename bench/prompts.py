@@ -9,8 +9,8 @@ from pathlib import Path
 
 PROMPT_CHARS = 300
 WARMUP_MODULE = "keyword.py"
-# The share of standard-library paths (by a hash of the relative path) that
-# scripts/train_small_moe.py holds out of training.
+# The share of standard-library paths (by a hash of the relative path) held out of training
+# (scripts/train_small_moe.py splits its corpus with `heldout`).
 HELDOUT_PERCENT = 10
 # Modules held out of training: prompts whose draft acceptance is not inflated by memorised text.
 HELDOUT_MODULES = ("argparse.py", "copy.py", "dis.py", "fileinput.py", "functools.py", "sysconfig.py",
@@ -29,7 +29,7 @@ def stdlib_root() -> Path:
 
 
 def heldout(module: str) -> bool:
-    """Whether scripts/train_small_moe.py holds this standard-library path out of training."""
+    """Whether scripts/train_small_moe.py holds this standard-library path (relative, with /) out of training."""
     return int(hashlib.sha256(module.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
 
 

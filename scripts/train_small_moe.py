@@ -24,7 +24,6 @@ training wall time. A later run with the same arguments reuses the saved models.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -48,11 +47,10 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, Qw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_models import build_tokenizer  # noqa: E402  (a sibling script, not a package)
-from spac.bench.prompts import PROMPT_CHARS  # noqa: E402
+from spac.bench.prompts import PROMPT_CHARS, heldout as held_out  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MOE_DIR, DRAFT_DIR, REPORT = "small-moe", "small-draft", "train_report.json"
-HELDOUT_PERCENT = 10
 # Tests exercise odd corners of the language (and some are not UTF-8); site-packages differs
 # from machine to machine. Neither belongs in a corpus meant to be the same everywhere.
 EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test"}
@@ -154,8 +152,7 @@ def stdlib_files() -> tuple[list[Path], list[Path]]:
         rel = path.relative_to(root)
         if EXCLUDED_DIRS.intersection(rel.parts) or not _is_utf8(path):
             continue
-        bucket = int(hashlib.sha256(rel.as_posix().encode()).hexdigest(), 16) % 100
-        (heldout if bucket < HELDOUT_PERCENT else train).append(path)
+        (heldout if held_out(rel.as_posix()) else train).append(path)
     return train, heldout
 
 
