@@ -37,6 +37,8 @@ def generate_all(runtime, texts: list[str], speculative: bool, max_new_tokens: i
         "new_tokens": stats.new_tokens, "decode_tokens": stats.decoded_tokens,
         "decode_seconds": stats.decode_seconds, "seconds": seconds, "hits": hits, "misses": misses,
         "bytes_read": paging.storage_bytes_read if paging else 0,
+        "reads": paging.storage_reads if paging else 0,
+        "reads_into_used_buffers": paging.reads_into_used_buffers if paging else 0,
         "stall_seconds": paging.stall_seconds if paging else 0.0,
         "read_seconds": paging.read_seconds if paging else 0.0,
         "busy_seconds": paging.busy_seconds if paging else 0.0,

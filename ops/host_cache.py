@@ -13,7 +13,9 @@ Policies:
 A miss that `lru` or `spac` will keep gets its slot before it is read (`make_room`): the victim
 goes first, so the read's bytes take the victim's memory rather than a buffer of their own, and
 the memory limit counts fewer read buffers (spac.ops.pager.PagedExperts.read_buffers). The
-prefetcher's reads take theirs the same way (`reserve`).
+prefetcher's reads take theirs the same way (`reserve`). Where the victim's weights view a read's
+buffer (spac.ops.direct_io), the read of the expert taking its room lands in that very buffer
+(`spare_buffer`): its pages are already faulted in, which a fresh buffer's are not.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .direct_io import read_buffer
 from .read_pool import READ_TIMEOUT_S, wait
 from .stats import PagingStats
 
@@ -36,6 +39,7 @@ class Slot:
     weights: dict
     utility: float
     prefetched: bool = False  # counts as a used prefetch on its first hit
+    peeked_pass: int = -1  # the last pass whose draft looked at these weights (HostCache.peek)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class HostCache:
         self.lock = threading.Lock()
         self.in_flight: dict[tuple[int, int], threading.Event] = {}  # being read by the prefetcher
         self.rooms: set[tuple[int, int]] = set()  # slots given to reads under way; counted in the capacity
+        self.victims: dict[tuple[int, int], Slot] = {}  # room -> the slot evicted for it, until its read starts
 
     def __contains__(self, key) -> bool:
         with self.lock:
@@ -70,7 +75,10 @@ class HostCache:
         (a draft's look, which must not count as, or reorder for, the target's use)."""
         with self.lock:
             slot = self.slots.get(key)
-        return None if slot is None else slot.weights
+            if slot is None:
+                return None
+            slot.peeked_pass = self.position.pass_id
+        return slot.weights
 
     def get(self, key) -> dict | None:
         """The expert's weights (waiting for the prefetcher if it is reading them right now), or
@@ -112,6 +120,7 @@ class HostCache:
         if self.policy == "static" or self.capacity == 0:
             return False
         with self.lock:
+            self.victims.pop(key, None)
             if key in self.slots:
                 self.rooms.discard(key)
                 return True
@@ -131,24 +140,43 @@ class HostCache:
     def _give_room(self, key, utility: float) -> bool:
         """make_room under the lock."""
         if (self.policy == "static" or self.capacity == 0 or key in self.slots or key in self.rooms
-                or not self._free_slot(utility)):
+                or not self._free_slot(utility, room=key)):
             return False
         self.rooms.add(key)
         return True
 
-    def _free_slot(self, utility: float) -> bool:
-        """Free a slot for an expert of `utility` if none is free (under the lock)."""
+    def _free_slot(self, utility: float, room=None) -> bool:
+        """Free a slot for an expert of `utility` if none is free (under the lock); the victim of
+        a `room` is kept for its read (spare_buffer)."""
         if len(self.slots) + len(self.rooms) < self.capacity:
             return True
         victim = self.victim(utility if self.policy == "spac" else np.inf, self.position.layer)
         if victim is None:
             return False
-        del self.slots[victim]
+        slot = self.slots.pop(victim)
+        if room is not None:
+            self.victims[room] = slot
         return True
+
+    def spare_buffer(self, key):
+        """The buffer of the slot evicted to make `key`'s room, for `key`'s read to land in, or
+        None (no victim, or one whose weights are not a writable read buffer, or still in use).
+
+        Nothing computes from a victim's weights but what got them from this cache: the target
+        computes the layer being computed alone, whose slots are frozen (`victim`), and a draft
+        computes from what it looked at (`peek`) during its own pass. A slot looked at during the
+        current pass (draft and verify share its id) is therefore never reused; its weights go
+        with their last holder, as every victim's did before."""
+        with self.lock:
+            slot = self.victims.pop(key, None)
+        if slot is None or slot.peeked_pass == self.position.pass_id or not isinstance(slot.weights, dict):
+            return None
+        return read_buffer(slot.weights.values())
 
     def give_up_room(self, key) -> None:
         with self.lock:
             self.rooms.discard(key)
+            self.victims.pop(key, None)
 
     def reserve(self, key, utility: float) -> bool:
         """Mark `key` as being read for the cache, its room made (make_room), unless it is there,
@@ -163,6 +191,7 @@ class HostCache:
         """The prefetcher's read of `key` is over (admitted, or failed: its room is given up)."""
         with self.lock:
             self.rooms.discard(key)
+            self.victims.pop(key, None)
             self.in_flight.pop(key).set()
 
     def set_utilities(self, utilities: np.ndarray) -> None:

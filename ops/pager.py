@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .device_slots import DeviceSlots
+from .direct_io import read_buffer
 from .experts import ExpertKernel, cached_expert_bytes, group_by_expert, preparing_bytes, weighted_sum
 from .host_cache import HostCache, PassPosition
 from .prefetcher import Prefetcher
@@ -73,6 +74,10 @@ class PagedExperts:
         self.routing_totals = np.zeros_like(self.counts)
         self.readers = ReadPool(READ_THREADS, "spac-read")
         self.reads_in_flight, self.busy_since = 0, 0.0  # for the storage's busy time (PagingStats)
+        # Buffers of misses read outside the cache, computed and not kept: the next such read lands
+        # in one (its pages faulted in already). No more are kept than read_buffers counts.
+        self.spare_outside: list[memoryview] = []
+        self.outside_buffers = self.outside_ahead + 1
         if policy == "static":
             self.host.fill_static(lambda layer, expert: self.kernel.prepare(self.files.read(layer, expert)),
                                   frequencies, self.moe_layers, self.num_experts)
@@ -101,7 +106,9 @@ class PagedExperts:
         """The most experts held outside the cache's slots at once: the misses without a room
         read ahead and the one being computed (a miss with a room, and every prefetch, is read
         into a slot); each as the kernel holds it (`prepared`: as a session), and the sessions
-        being created. A self-draft computes from the cache only and adds none."""
+        being created. A self-draft computes from the cache only and adds none. The buffers of
+        dropped misses kept for later reads (spare_outside) are among these: a read without a
+        room takes one of them before it makes a fresh one."""
         outside = PagedExperts.outside_reads_ahead(policy, prepared, manifest.target.dims["top_k"], plain_decoding) + 1
         return outside * cached_expert_bytes(manifest, prepared) + preparing_bytes(manifest, prepared)
 
@@ -175,12 +182,14 @@ class PagedExperts:
                 paging.stall_seconds += time.perf_counter() - started
                 if index + self.reads_ahead < len(misses):
                     self._read_ahead(layer, misses[index + self.reads_ahead], reads, rooms)
-                self._admit((layer, expert), buffer)
+                kept = self._admit((layer, expert), buffer)
                 rooms.discard(expert)
                 outputs[expert] = (self.kernel.run(x[groups[expert][0]], buffer), "cpu")
                 # Only the device plan needs the weights again; holding a kept miss would outlive its
                 # slot when a later miss of this layer evicts it (lru), past what read_buffers counts.
                 weights[expert] = buffer if plan else None
+                if not kept and not plan:
+                    self._spare(buffer)
         finally:  # a failed read leaves the rooms of the misses not yet admitted: give them back
             for expert in rooms:
                 self.host.give_up_room((layer, expert))
@@ -282,14 +291,26 @@ class PagedExperts:
         """The expert read from storage and made ready for the kernel (see ExpertKernel.prepare)."""
         return self.kernel.prepare(self._read(layer, expert))
 
+    def _spare(self, weights) -> None:
+        """Keep the buffer of a miss computed and dropped (nothing else holds it) for a later read."""
+        buffer = read_buffer(weights.values()) if isinstance(weights, dict) else None
+        with self.host.lock:
+            if buffer is not None and len(self.spare_outside) < self.outside_buffers:
+                self.spare_outside.append(buffer)
+
     def _read(self, layer: int, expert: int) -> dict:
+        # Into the buffer of the victim evicted for its room, else one a dropped miss left.
+        into = self.host.spare_buffer((layer, expert))
+        if into is None:
+            with self.host.lock:
+                into = self.spare_outside.pop() if self.spare_outside else None
         with self.host.lock:
             started = time.perf_counter()
             self.reads_in_flight += 1
             if self.reads_in_flight == 1:
                 self.busy_since = started
         try:
-            weights = self.files.read(layer, expert)
+            weights = self.files.read(layer, expert, into)
         finally:
             with self.host.lock:
                 ended = time.perf_counter()
@@ -298,6 +319,8 @@ class PagedExperts:
                     self.stats.paging.busy_seconds += ended - self.busy_since
         with self.host.lock:
             self.stats.paging.storage_reads += 1
+            if into is not None and np.may_share_memory(next(iter(weights.values())), np.frombuffer(into, np.uint8)):
+                self.stats.paging.reads_into_used_buffers += 1
             self.stats.paging.storage_bytes_read += self.expert_bytes
             self.stats.paging.read_seconds += ended - started
         return weights

@@ -20,6 +20,7 @@ class PagingStats:
     host_misses: int = 0
     storage_reads: int = 0
     storage_bytes_read: int = 0
+    reads_into_used_buffers: int = 0  # reads that landed in an earlier read's buffer (no page to fault in)
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_dropped: int = 0
@@ -39,6 +40,7 @@ class PagingStats:
                                  "bytes_copied": self.device_bytes_copied},
                       "host": {"hits": self.host_hits, "misses": self.host_misses},
                       "storage": {"reads": self.storage_reads, "bytes_read": self.storage_bytes_read,
+                                  "reads_into_used_buffers": self.reads_into_used_buffers,
                                   "read_seconds": self.read_seconds, "busy_seconds": self.busy_seconds}},
             "expert_hit_rate": self.host_hits / lookups if lookups else 1.0,
             "bytes_paged": self.storage_bytes_read,

@@ -81,7 +81,9 @@ class ExpertFiles:
     def path(self, layer: int, expert: int):
         return self.root / self.experts.path(layer, expert, ".data")
 
-    def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+    def read(self, layer: int, expert: int, into=None) -> dict[str, np.ndarray]:
+        """The expert's tensors, viewing the bytes read; `into`: a buffer an earlier read gave
+        whose bytes nobody needs any more, for the reader to read into (DirectReader.read)."""
         name = self.experts.path(layer, expert, ".data")
         path = self.root / name
         try:
@@ -94,7 +96,7 @@ class ExpertFiles:
                 raise ExpertFileError(f"expert file {path} is no longer a regular file (a FIFO, device or folder "
                                       "took its place); refusing it")
             size = self.experts.bytes_per_expert
-            data = self.reader.read(fd, size) if self.reader else os.pread(fd, size, 0)
+            data = self.reader.read(fd, size, into) if self.reader else os.pread(fd, size, 0)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as error:

@@ -6,10 +6,13 @@ import errno
 import fcntl
 import os
 
+import numpy as np
 import pytest
 
 from spac.ops import direct_io
-from spac.ops.direct_io import ALIGNMENT, DirectReader
+from spac.ops.direct_io import ALIGNMENT, DirectReader, aligned_buffer
+from spac.ops.host_cache import HostCache, PassPosition
+from spac.ops.stats import PagingStats
 from spac.runtime import Runtime, cli
 
 
@@ -66,6 +69,61 @@ def test_paged_runtime_with_direct_reads_is_lossless(exported):
             assert result.stats.as_dict()["bytes_paged"] > 0
             assert runtime.experts.files.reader is None or runtime.experts.files.reader.direct
     assert tokens[True] == tokens[False]
+
+
+@pytest.mark.parametrize("policy", ["lru", "spac"])
+def test_reads_land_in_the_buffers_earlier_reads_left(exported, policy):
+    """Once the cache is full a read lands in the buffer of the expert evicted for its room (lru
+    keeps every miss), or of a miss computed and not kept (spac keeps few): the same tokens as
+    reads into fresh buffers, and no more spare buffers held than the memory limit counts."""
+    package = exported("qwen3_moe").output
+    tokens = {}
+    for direct in (True, False):
+        with Runtime(package, draft_len=3, policy=policy, host_budget=0.25, direct_io=direct) as runtime:
+            result = runtime.generate("def fibonacci(n):\n    ", max_new_tokens=16)
+            tokens[direct] = result.token_ids
+            paging, pager = result.stats.experts.paging, runtime.experts
+            if direct:
+                assert paging.reads_into_used_buffers > paging.storage_reads // 2, paging
+                assert len(pager.spare_outside) <= pager.outside_buffers
+            else:  # pread gives bytes, which no read can land in
+                assert paging.storage_reads > 0 and paging.reads_into_used_buffers == 0
+    assert tokens[True] == tokens[False]
+
+
+def cached_weights(size: int = 8000) -> dict:
+    return {"w": np.frombuffer(aligned_buffer(size)[:size], np.float32).reshape(10, -1)}
+
+
+def test_a_victim_a_draft_looked_at_in_this_pass_keeps_its_bytes():
+    """A draft computes from what it looked at (peek) during its pass: that victim's buffer is
+    not read into until the next pass; one nobody looked at is."""
+    position = PassPosition()
+    cache = HostCache("lru", 1, position, PagingStats())
+    cache.admit((0, 0), cached_weights(), 0.0)
+    looked = cache.peek((0, 0))
+    assert cache.make_room((1, 0), 0.0)
+    assert cache.spare_buffer((1, 0)) is None
+
+    position.pass_id += 1  # the draft that looked is done
+    weights = cached_weights()
+    cache.admit((1, 0), weights, 0.0)
+    cache.peek((1, 0))
+    position.pass_id += 1
+    assert cache.make_room((2, 0), 0.0)
+    spare = cache.spare_buffer((2, 0))
+    assert spare is not None and direct_io.address(spare) == weights["w"].ctypes.data
+    assert cache.spare_buffer((2, 0)) is None, "a victim's buffer goes to one read only"
+
+
+def test_only_a_writable_buffer_every_array_views_is_reused():
+    one, other = aligned_buffer(8192), aligned_buffer(8192)
+    assert direct_io.read_buffer([np.frombuffer(one, np.uint8)]) is not None
+    assert direct_io.read_buffer([np.frombuffer(one, np.uint8), np.frombuffer(other, np.uint8)]) is None
+    assert direct_io.read_buffer([np.frombuffer(bytes(8192), np.uint8)]) is None  # pread's bytes
+    assert direct_io.aligned_window(one[:5000], 8192) is not None
+    assert direct_io.aligned_window(one[:5000], 8192 + ALIGNMENT) is None  # past its mapping
+    assert direct_io.aligned_window(one[100:], 4096) is None  # not on a block boundary
 
 
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and on arm64 with 4 KiB pages

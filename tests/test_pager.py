@@ -368,11 +368,11 @@ def test_stale_prefetch_is_dropped(package, monkeypatch):
     gate, worker_reads = threading.Event(), []
     read = pager.files.read
 
-    def gated_read(layer, expert):  # the worker's reads wait until the test opens the gate
+    def gated_read(layer, expert, into=None):  # the worker's reads wait until the test opens the gate
         if threading.current_thread() is pager.prefetcher.worker:
             worker_reads.append((layer, expert))
             gate.wait(TIMEOUT_S)
-        return read(layer, expert)
+        return read(layer, expert, into)
 
     monkeypatch.setattr(pager.files, "read", gated_read)
     try:
@@ -424,11 +424,11 @@ def test_worker_exception_reaches_the_caller_within_one_round(package, monkeypat
     failed_in_pass = []
     read = ExpertFiles.read
 
-    def read_fails_for_prefetches(files, layer, expert):
+    def read_fails_for_prefetches(files, layer, expert, into=None):
         if threading.current_thread() is pager.prefetcher.worker:
             failed_in_pass.append(pager.position.pass_id)
             raise OSError("injected read error")
-        return read(files, layer, expert)
+        return read(files, layer, expert, into)
 
     monkeypatch.setattr(ExpertFiles, "read", read_fails_for_prefetches)
     with runtime, pytest.raises(RuntimeError, match="prefetch worker") as raised:
@@ -443,11 +443,11 @@ def test_worker_is_restarted_after_its_error_reached_the_caller(package, monkeyp
     pager = runtime.experts
     read, failures = ExpertFiles.read, []
 
-    def first_prefetch_fails(files, layer, expert):
+    def first_prefetch_fails(files, layer, expert, into=None):
         if threading.current_thread() is pager.prefetcher.worker and not failures:
             failures.append((layer, expert))
             raise OSError("injected read error")
-        return read(files, layer, expert)
+        return read(files, layer, expert, into)
 
     monkeypatch.setattr(ExpertFiles, "read", first_prefetch_fails)
     with runtime:
@@ -505,9 +505,9 @@ def test_storage_busy_time_counts_overlapping_reads_once(package, monkeypatch):
     generation's wall time."""
     read = ExpertFiles.read
 
-    def slow_read(files, layer, expert):
+    def slow_read(files, layer, expert, into=None):
         time.sleep(0.03)
-        return read(files, layer, expert)
+        return read(files, layer, expert, into)
 
     monkeypatch.setattr(ExpertFiles, "read", slow_read)
     with Runtime(package(), draft_len=DRAFT_LEN, policy="lru", host_budget=0.25) as runtime:

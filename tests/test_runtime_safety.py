@@ -157,7 +157,7 @@ def test_a_hung_read_becomes_a_clear_error(package, monkeypatch):
     monkeypatch.setattr(read_pool, "READ_TIMEOUT_S", 0.5)
     hung = threading.Event()
     with Runtime(package, host_budget=EVERY_READ) as runtime:
-        monkeypatch.setattr(ExpertFiles, "read", lambda files, layer, expert: hung.wait(60))  # a hung disk
+        monkeypatch.setattr(ExpertFiles, "read", lambda files, layer, expert, into=None: hung.wait(60))  # a hung disk
         try:
             with pytest.raises(ExpertFileError, match=r"took more than 0\.5 s") as raised:
                 runtime.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS)
@@ -200,7 +200,7 @@ STUCK_READ = """
 import sys, threading
 from spac.ops.storage import ExpertFiles
 
-def stuck(files, layer, expert):  # a read that never returns, as on a dead network file system
+def stuck(files, layer, expert, into=None):  # a read that never returns, as on a dead network file system
     print("reading", file=sys.stderr, flush=True)
     threading.Event().wait()
 
