@@ -2,6 +2,9 @@
 small access strings) and the bound is the larger of the read time and the resident time."""
 
 import functools
+import json
+import subprocess
+import sys
 import random
 from pathlib import Path
 
@@ -104,3 +107,19 @@ def test_a_contender_is_reported_by_its_median_run():
     assert median["hits"] == 3 and median["tokens_per_second"] == 2.0
     assert median["tokens_per_second_each"] == [3.0, None, 1.0, 2.0]
     assert bench_memory.median_run([{"failed": "refused"}]) == {"failed": "refused"}
+
+
+def test_a_worker_runs_as_spac_run_does_with_one_thread_pool(exported):
+    """The worker measures spac-run's configuration: every session on ONNX Runtime's process-wide
+    thread pool (spac-run's default --thread-pool global), not the Python Runtime's default of a
+    pool per session."""
+    config = {"package": str(exported("qwen3_moe").output), "draft_len": 2, "threads": 1,
+              "options": dict(bench_memory.CONTENDERS["spac"][0]), "speculative": False,
+              "prompts": ["def f(x):"], "max_new_tokens": 3, "host_budget": 0.5}
+    script = Path(bench_memory.__file__).resolve()
+    done = subprocess.run([sys.executable, str(script), "--worker", json.dumps(config)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["thread_pool"] == "global"
+    assert result["new_tokens"] > 0
