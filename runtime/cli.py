@@ -69,8 +69,8 @@ def parse_args(argv):
     parser.add_argument("--draft", choices=DRAFT_MODES, default=None,
                         help="what drafts: the package's draft 'model', the target 'self' (from the package's draft "
                              "copies of its experts, else with the experts it holds), or 'none' (default: model if "
-                             "the package has one; else self where it has draft copies and its experts are paged "
-                             "without --memory-limit; else none)")
+                             "the package has one, unless a --memory-limit pages the experts; else self where it "
+                             "has draft copies and its experts are paged without --memory-limit; else none)")
     parser.add_argument("--no-speculative", dest="speculative", action="store_false",
                         help="plain decoding with the target only (no draft is loaded)")
     parser.add_argument("--providers", default=None,

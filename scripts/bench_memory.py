@@ -61,9 +61,11 @@ SELF = "spac+self SD"
 CONTENDERS = {  # name -> (runtime options, speculative); every spac run reads with O_DIRECT
     "lru": (dict(policy="lru", direct_io=True, draft="none"), False),  # as spac-run --no-speculative
     "spac": (dict(policy="spac", direct_io=True, draft="none"), False),
-    "static+SD": (dict(policy="static", direct_io=True), True),
-    "spac+SD": (dict(policy="spac", direct_io=True), True),
-    "spac+SD+lookahead": (dict(policy="spac", direct_io=True, layer_lookahead=True), True),
+    # with the package's draft model, asked for: under a limit that pages the experts spac-run
+    # would decode without it
+    "static+SD": (dict(policy="static", direct_io=True, draft="model"), True),
+    "spac+SD": (dict(policy="spac", direct_io=True, draft="model"), True),
+    "spac+SD+lookahead": (dict(policy="spac", direct_io=True, layer_lookahead=True, draft="model"), True),
     # the target drafting for itself from the package's int4 copies of its experts (spac-export
     # --draft-experts), at the profile's self_draft_len: run only where the package has them
     SELF: (dict(policy="spac", direct_io=True, draft="self", draft_len=None), True),

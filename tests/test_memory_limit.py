@@ -227,3 +227,28 @@ def test_a_session_copies_the_weights_it_is_given_from_memory():
     for array in weights.values():
         array[...] = -7  # the caller's buffer, overwritten: the session computes as before
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
+
+
+def test_a_memory_limit_that_pages_the_experts_decodes_without_the_draft_model_by_default(wide_package):
+    """Under a limit whose cache holds fewer than all experts, a verify pass of γ + 1 tokens reads
+    more bytes per token it yields than one-token decoding (the memory testbed: spac without SD
+    1.31-1.73x spac+SD at caps of 30-75 %), so `draft` defaults to none there; a limit that
+    holds every expert, or draft="model" asked for, keeps the draft model."""
+    from spac.runtime import Runtime
+    from spac.runtime.memory import MARGIN_BYTES, MARGIN_FRACTION
+
+    package, expected = wide_package
+    experts = 16
+    with Runtime(package, memory_limit=8 << 30) as roomy:
+        assert roomy.draft_mode == "model" and roomy.memory.cache_slots >= experts
+        plan = roomy.memory
+    # A limit that leaves the cache about 6 of the 16 experts, with the draft model loaded or not.
+    fixed = plan.resident + plan.kv_cache + plan.read_buffers + MARGIN_BYTES
+    limit = int((fixed + 6 * plan.slot_bytes) / (1 - MARGIN_FRACTION))
+    with Runtime(package, memory_limit=limit) as paged:
+        assert paged.draft_mode == "none" and paged.draft is None and paged.draft_len == 0
+        assert 1 <= paged.memory.cache_slots < experts
+        assert paged.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == expected
+    with Runtime(package, memory_limit=limit, draft="model") as asked:
+        assert asked.draft_mode == "model" and asked.draft is not None
+        assert asked.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == expected
