@@ -163,7 +163,8 @@ class Runtime:
         self.target = ModelRunner(self.manifest, self.manifest.target, self.sessions, provider=self.provider)
         self.context = self.manifest.target.dims["max_position_embeddings"]
         limit = None if memory_limit is None else resolve_limit(memory_limit)
-        if draft is None and self.draft_mode == "model" and limit is not None and self._pages_under(limit, device_tier is not None, policy):
+        if (draft is None and self.draft_mode == "model" and limit is not None
+                and self._pages_under(limit, device_tier is not None, policy)):
             log.info("memory limit %.0f MB pages the experts: decoding without the draft model, which is faster "
                      "there (--draft model, in Python draft='model', drafts all the same)", limit / 1e6)
             self.draft_mode, self.draft_len = "none", 0
@@ -205,7 +206,8 @@ class Runtime:
         pass of γ + 1 tokens routes to more distinct experts per token it yields than one-token
         decoding does: on the memory testbed (README, A model larger than memory) spac without SD
         decoded 1.31-1.73x spac+SD at caps of 30-75 %, the draft's acceptance 43 %."""
-        draft_files = {self.manifest.draft.embed, self.manifest.draft.head, *(l.file for l in self.manifest.draft.layers)}
+        section = self.manifest.draft
+        draft_files = {section.embed, section.head, *(layer.file for layer in section.layers)}
         loading = sum(entry["bytes"] for name, entry in self.manifest.files.items()  # a graph, or its external data
                       if name.removesuffix(".data") in draft_files)
         try:

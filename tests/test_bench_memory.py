@@ -3,9 +3,9 @@ small access strings) and the bound is the larger of the read time and the resid
 
 import functools
 import json
+import random
 import subprocess
 import sys
-import random
 from pathlib import Path
 
 import pytest
