@@ -235,20 +235,25 @@ def test_a_memory_limit_that_pages_the_experts_decodes_without_the_draft_model_b
     1.31-1.73x spac+SD at caps of 30-75 %), so `draft` defaults to none there; a limit that
     holds every expert, or draft="model" asked for, keeps the draft model."""
     from spac.runtime import Runtime
-    from spac.runtime.memory import MARGIN_BYTES, MARGIN_FRACTION
+    from spac.runtime.memory import MARGIN_BYTES, MARGIN_FRACTION, resident_bytes
 
     package, expected = wide_package
-    experts = 16
-    with Runtime(package, memory_limit=8 << 30) as roomy:
-        assert roomy.draft_mode == "model" and roomy.memory.cache_slots >= experts
-        plan = roomy.memory
-    # A limit that leaves the cache about 6 of the 16 experts, with the draft model loaded or not.
-    fixed = plan.resident + plan.kv_cache + plan.read_buffers + MARGIN_BYTES
-    limit = int((fixed + 6 * plan.slot_bytes) / (1 - MARGIN_FRACTION))
-    with Runtime(package, memory_limit=limit) as paged:
+    manifest = load_manifest(package)
+    experts, slot = 16, manifest.target.experts.bytes_per_expert
+
+    def paging_limit() -> int:
+        """A limit that leaves the cache about 6 of the 16 experts, from this process's resident
+        set now (earlier tests and runtimes grew it) plus the trunk and draft it will load and
+        the verify pass's 5 read buffers."""
+        fixed = resident_bytes() + manifest.trunk_bytes() + 5 * slot + MARGIN_BYTES
+        return int((fixed + 6 * slot) / (1 - MARGIN_FRACTION))
+
+    with Runtime(package, memory_limit=paging_limit()) as paged:
         assert paged.draft_mode == "none" and paged.draft is None and paged.draft_len == 0
         assert 1 <= paged.memory.cache_slots < experts
         assert paged.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == expected
-    with Runtime(package, memory_limit=limit, draft="model") as asked:
+    with Runtime(package, memory_limit=paging_limit(), draft="model") as asked:
         assert asked.draft_mode == "model" and asked.draft is not None
         assert asked.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == expected
+    with Runtime(package, memory_limit=8 << 30) as roomy:
+        assert roomy.draft_mode == "model" and roomy.memory.cache_slots >= experts
