@@ -214,8 +214,7 @@ class Runtime:
             plan = self._plan_memory(limit, device_tier, policy, loading)
         except MemoryLimitError:
             return True  # (the plan made once the draft mode is settled says what it needs)
-        every = len(self.manifest.target.moe_layers) * self.manifest.target.dims["num_experts"]
-        return plan.cache_slots < every
+        return pages_on_host(self.manifest, plan.cache_slots * self.manifest.target.experts.bytes_per_expert)
 
     def _plan_memory(self, limit: int, device_tier: bool, policy: str | None, loading: int = 0) -> MemoryPlan:
         """The host cache's share of `limit` once the loaded trunk and draft model, the KV caches
