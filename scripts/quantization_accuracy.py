@@ -3,6 +3,7 @@
 
     python scripts/quantization_accuracy.py                       # every family, random weights
     python scripts/quantization_accuracy.py --trained cache/trained --families   # trained model only
+    python scripts/quantization_accuracy.py ... --block-size 128 --symmetric    # another block layout
 
 Per family (tiny random-weight models from make_models.py, experts quantized, trunk float):
 max abs logit difference against the float32 package and greedy agreement, both over 64 tokens:
@@ -11,7 +12,7 @@ each of the 64 positions the logits are compared and the two argmaxes must agree
 forcing, so one early disagreement does not make every later position differ).
 
 With --trained, the model that scripts/train_small_moe.py trained is exported float32, int8 and
-int4 (experts and trunk, block 32) and each package's perplexity is measured on the training
+int4 (experts and trunk, block 32 unless --block-size) and each package's perplexity is measured on the training
 script's own held-out windows. Prints a table and writes JSON (--out).
 """
 
@@ -28,7 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from spac.export.quantize import DEFAULT_BLOCK_SIZE  # noqa: E402
 from spac.ops.experts import ResidentExperts  # noqa: E402
+from spac.ops.quantization import BLOCK_SIZES  # noqa: E402
 from spac.ops.sessions import SessionFactory  # noqa: E402
 from spac.runtime.manifest import load_manifest  # noqa: E402
 from spac.runtime.model import ModelRunner  # noqa: E402
@@ -87,7 +90,7 @@ def export(model_dir: Path, draft_dir: Path, output: Path, **options) -> Path:
     return output
 
 
-def family_rows(families: list[str], work: Path) -> list[dict]:
+def family_rows(families: list[str], work: Path, layout: dict) -> list[dict]:
     from make_models import make_pair
 
     rows = []
@@ -96,7 +99,7 @@ def family_rows(families: list[str], work: Path) -> list[dict]:
         reference = target_runner(export(model_dir, draft_dir, work / f"{family}-float32"))
         prompt = np.random.default_rng(0).integers(0, reference.section.dims["vocab_size"], PROMPT_TOKENS).tolist()
         for kind in KINDS:
-            package = export(model_dir, draft_dir, work / f"{family}-{kind}", experts=kind)
+            package = export(model_dir, draft_dir, work / f"{family}-{kind}", experts=kind, **layout)
             row = {"family": family, "experts": kind, **compare(reference, target_runner(package), prompt)}
             rows.append(row)
             print(f"{family:16s} {kind}  max abs logit diff {row['max_abs_logit_diff']:.2e} "
@@ -118,14 +121,15 @@ def heldout_windows(trained: Path) -> np.ndarray:
     return training.eval_windows(stream, recipe["eval_windows"], recipe["seq_len"]).numpy()
 
 
-def trained_rows(trained: Path, work: Path) -> list[dict]:
+def trained_rows(trained: Path, work: Path, layout: dict) -> list[dict]:
     import train_small_moe as training
 
     model_dir, draft_dir = trained / training.MOE_DIR, trained / training.DRAFT_DIR
     windows = heldout_windows(trained)
     rows, baseline = [], None
     for kind in ("float", *KINDS):
-        package = export(model_dir, draft_dir, work / f"trained-{kind}", experts=kind, trunk=kind)
+        package = export(model_dir, draft_dir, work / f"trained-{kind}", experts=kind, trunk=kind,
+                         **layout)
         value = perplexity(target_runner(package), windows)
         baseline = baseline or value
         rows.append({"experts_and_trunk": kind, "heldout_perplexity": value, "vs_float32": value / baseline - 1})
@@ -139,15 +143,19 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), help="families to measure (default: all)")
     parser.add_argument("--trained", type=Path, help="folder of train_small_moe.py's models and train_report.json")
+    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
+                        help=f"quantization block size (default: {DEFAULT_BLOCK_SIZE})")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric blocks, no zero points (default: asymmetric)")
     parser.add_argument("--out", type=Path, default=Path("quantization_accuracy.json"))
     args = parser.parse_args(argv)
+    layout = {"block_size": args.block_size, "symmetric": args.symmetric}
     from spac.export.cli import quiet_exporter_logs
 
     quiet_exporter_logs()
     with tempfile.TemporaryDirectory(prefix="spac-quant-accuracy-") as work:
-        result = {"families": family_rows(args.families, Path(work))}
+        result = {**layout, "families": family_rows(args.families, Path(work), layout)}
         if args.trained:
-            result["trained"] = trained_rows(args.trained, Path(work))
+            result["trained"] = trained_rows(args.trained, Path(work), layout)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return result
