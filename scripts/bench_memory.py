@@ -183,8 +183,9 @@ def model_bytes(manifest) -> int:
 # ------------------------------------------------------------------------------------ bounds
 
 
-def belady_misses(accesses: list[tuple[int, int]], capacity: int) -> int:
-    """Misses of Belady's MIN (evict the expert used farthest in the future) on `accesses`."""
+def belady_misses(accesses: list[tuple[int, int]], capacity: int, counted: list[bool] | None = None) -> int:
+    """Misses of Belady's MIN (evict the expert used farthest in the future) on `accesses`; with
+    `counted`, only the misses of the accesses it marks (all of them still fill the cache)."""
     following = [0] * len(accesses)
     seen: dict = {}
     for i in range(len(accesses) - 1, -1, -1):
@@ -194,7 +195,7 @@ def belady_misses(accesses: list[tuple[int, int]], capacity: int) -> int:
     misses = 0
     for i, key in enumerate(accesses):
         if key not in cache:
-            misses += 1
+            misses += counted is None or counted[i]
             if capacity <= 0:
                 continue
             if len(cache) >= capacity:

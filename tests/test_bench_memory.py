@@ -71,6 +71,22 @@ def test_llama_cpp_folder_is_found_through_build_bin_or_skipped(tmp_path, capsys
     assert bench_memory.llama_binary(tmp_path) == binaries / "llama-simple"
 
 
+def test_llama_cpp_benchmark_exports_each_int4_layout_it_is_given():
+    """--int4 names block layouts; each becomes spac-export's flags, and a bad one is refused by name."""
+    import argparse
+
+    import bench_llamacpp
+
+    layouts = bench_llamacpp.int4_layouts("32, 128-symmetric")
+    assert layouts == [(32, False), (128, True)]
+    assert [bench_llamacpp.int4_flags(*layout) for layout in layouts] == [
+        ("--experts", "int4", "--trunk", "int4"),
+        ("--experts", "int4", "--trunk", "int4", "--block-size", "128", "--symmetric")]
+    for bad in ("48", "128-sym", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            bench_llamacpp.int4_layouts(bad)
+
+
 def test_agreement_counts_tokens_up_to_the_first_difference():
     reference = [[1, 2, 3, 4], [5, 6]]
     assert bench_memory.agreement(reference, reference) == 1.0
@@ -123,3 +139,39 @@ def test_a_worker_runs_as_spac_run_does_with_one_thread_pool(exported):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["thread_pool"] == "global"
     assert result["new_tokens"] > 0
+
+
+def test_a_speculative_round_verifies_its_accepted_drafts_the_token_after_them_and_its_rejected_rows():
+    import replay_speculative_reads as replay
+
+    tokens = [[[i]] for i in range(6)]  # one MoE layer; token i routes to expert i
+    stranger = [[99]]
+    rng = random.Random(0)
+    always = replay.speculative_rounds(tokens, 2, 1.0, rng, rejected_as_next=True, others=[stranger])
+    assert always == [tokens[0:3], tokens[3:6]]  # every draft accepted: γ + 1 tokens a round
+    never = replay.speculative_rounds(tokens, 2, 0.0, rng, rejected_as_next=False, others=[stranger])
+    assert never[:4] == [[token, stranger, stranger] for token in tokens[:4]]  # one token a round, γ rejected rows
+    assert never[4:] == [[tokens[4], stranger], [tokens[5]]]  # no drafts past the last token
+    assert replay.accesses_of([[[[1, 2]], [[2, 3]]]]) == [(0, 1), (0, 2), (0, 3)]  # a layer reads its rows' union
+
+
+def test_rejected_drafts_cost_reads_that_plain_decoding_does_not_make():
+    """Without a cache every read counts: plain decoding reads a token's expert once; a round
+    whose γ drafts are all rejected reads the γ tokens after it too, and yields one token."""
+    import replay_speculative_reads as replay
+
+    recorded = [{"prefill": [[0]], "tokens": [[[i]] for i in range(1, 9)]}]
+    assert replay.reads_per_token(recorded, slots=0) == 1.0  # 8 reads, 8 decoded tokens
+    rejected = replay.reads_per_token(recorded, slots=0, gamma=2, acceptance=0.0, rejected_as_next=True)
+    assert rejected == (3 * 6 + 2 + 1) / 8  # the last two rounds have fewer tokens left to draft
+    accepted = replay.reads_per_token(recorded, slots=0, gamma=2, acceptance=1.0)
+    assert accepted == 1.0  # distinct experts: verifying them together saves nothing
+    repeated = [{"prefill": [[0]], "tokens": [[[0]]] * 8}]
+    assert replay.reads_per_token(repeated, slots=1) == 0.0  # the prefill's read fills the cache, uncounted
+
+
+def test_belady_counts_only_the_marked_misses_but_caches_every_access():
+    accesses = [(0, 1), (0, 2), (0, 1), (0, 3), (0, 2)]
+    every = bench_memory.belady_misses(accesses, 1)
+    assert bench_memory.belady_misses(accesses, 1, [True] * 5) == every == 5
+    assert bench_memory.belady_misses(accesses, 2, [False, False, True, True, True]) == 1  # (0, 3) only
