@@ -283,8 +283,22 @@ def make_model(family: str, out_dir, seed: int = 0, **overrides) -> Path:
         _randomize_constant_inits(model)
     # Explicit ids make greedy generate() run without "setting pad_token_id" warnings.
     model.generation_config = GenerationConfig(**special_ids, do_sample=False)
-    model.save_pretrained(out_dir)
+    save_without_progress_bar(model, out_dir)
     return out_dir
+
+
+def save_without_progress_bar(model, out_dir) -> None:
+    """save_pretrained, without its "Writing model shards" bar on stderr: a tiny model's is noise,
+    and it lands in the output of whichever command or test built the model first."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def make_streamed_model(family: str, out_dir, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
