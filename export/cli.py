@@ -12,6 +12,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from spac.ops.quantization import CLI_BLOCK_SIZES, DEFAULT_BLOCK_SIZE
 from spac.runtime.arguments import Parser
 from spac.runtime.logs import add_logging_flags, setup_logging
 
@@ -63,7 +64,7 @@ def parse_args(argv):
                              "--experts), which `spac-run --draft self` holds in memory and drafts with: "
                              "speculative decoding without a draft model, the output still the full model's "
                              "(default: no copies)")
-    parser.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32,
+    parser.add_argument("--block-size", type=int, choices=CLI_BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
                         help="weights per quantization block along the input dimension; it must divide every "
                              "quantized weight's input dimension. Larger blocks are fewer bytes and decode faster "
                              "on the CPU (int4, 128 symmetric: 1.37x the tok/s of 32), with more error (default: 32)")

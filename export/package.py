@@ -25,14 +25,13 @@ import torch
 import yaml
 
 from spac.ops.expert_graph import build_expert_graph, expert_matrices, expert_tensors
-from spac.ops.quantization import BlockQuantization
+from spac.ops.quantization import DEFAULT_BLOCK_SIZE, BlockQuantization
 from spac.runtime.manifest import (DRAFT_EXPERT_FILE_PATTERN, EXPERT_FILE_PATTERN, MANIFEST, PRODUCER, current_umask,
                                   write_package_manifest)
 
 from .checkpoint import StreamedModel, refuse_quantized
 from .families import ExportError, Family, family_for
-from .quantize import (DEFAULT_BLOCK_SIZE, KINDS, expert_arrays, fake_quantize_experts, fake_quantize_trunk,
-                       quantization_for)
+from .quantize import KINDS, expert_arrays, fake_quantize_experts, fake_quantize_trunk, quantization_for
 from .trunk import export_trunk
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

@@ -25,14 +25,12 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from spac.ops.quantization import BITS, BLOCK_SIZES, CONTRIB_DOMAIN, BlockQuantization
+from spac.ops.quantization import BITS, BLOCK_SIZES, CLI_BLOCK_SIZES, CONTRIB_DOMAIN, BlockQuantization
 
 from .families import ExportError, Family
 from .fusion import drop_unused_initializers
 
 KINDS = {f"int{bits}": bits for bits in BITS}  # --experts / --trunk values
-DEFAULT_BLOCK_SIZE = 32
-CLI_BLOCK_SIZES = tuple(size for size in BLOCK_SIZES if size >= DEFAULT_BLOCK_SIZE)
 GRID_TOLERANCE = 1e-6  # relative: a weight this close to its dequantized value lies on the grid
 # Asymmetric block quantization is not idempotent: rounding the zero point can shrink a block's
 # range, so its dequantized values requantize to another scale (on the random-weight model of

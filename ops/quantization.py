@@ -25,6 +25,8 @@ from onnx import helper
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)  # MatMulNBits takes powers of two from 16
+DEFAULT_BLOCK_SIZE = 32
+CLI_BLOCK_SIZES = tuple(size for size in BLOCK_SIZES if size >= DEFAULT_BLOCK_SIZE)  # what spac-export offers
 ACCURACY_LEVEL = 4  # int8 activations (see above)
 CONTRIB_DOMAIN = "com.microsoft"
 PARTS = ("q", "scales", "zero_points")  # a quantized weight's tensors, named WEIGHT.PART

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 from bench_runtime import build_package, interleaved_rates, runtime_rate  # noqa: E402
 from gguf_convert import (LLAMA_CPP_ENVIRONMENT, LLAMA_TYPE_OF_BITS, add_llama_cpp_argument, convert_to_gguf,  # noqa: E402
                           llama_cpp_binaries, quantize_gguf)
-from spac.ops.quantization import BLOCK_SIZES  # noqa: E402
+from spac.ops.quantization import CLI_BLOCK_SIZES  # noqa: E402
 
 
 def llama_cpp_tools(folder: Path | None) -> dict | None:
@@ -56,8 +56,8 @@ def int4_layouts(text: str) -> list[tuple[int, bool]]:
     layouts = []
     for item in text.split(","):
         block, _, kind = item.strip().partition("-")
-        if not block.isdigit() or int(block) not in BLOCK_SIZES or kind not in ("", "symmetric"):
-            raise argparse.ArgumentTypeError(f"{item!r}: give a block size of {', '.join(map(str, BLOCK_SIZES))}, "
+        if not block.isdigit() or int(block) not in CLI_BLOCK_SIZES or kind not in ("", "symmetric"):
+            raise argparse.ArgumentTypeError(f"{item!r}: give a block size of {', '.join(map(str, CLI_BLOCK_SIZES))}, "
                                              "optionally followed by -symmetric")
         layouts.append((int(block), kind == "symmetric"))
     return layouts

@@ -29,9 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spac.export.quantize import DEFAULT_BLOCK_SIZE  # noqa: E402
 from spac.ops.experts import ResidentExperts  # noqa: E402
-from spac.ops.quantization import BLOCK_SIZES  # noqa: E402
+from spac.ops.quantization import CLI_BLOCK_SIZES, DEFAULT_BLOCK_SIZE  # noqa: E402
 from spac.ops.sessions import SessionFactory  # noqa: E402
 from spac.runtime.manifest import load_manifest  # noqa: E402
 from spac.runtime.model import ModelRunner  # noqa: E402
@@ -143,7 +142,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), help="families to measure (default: all)")
     parser.add_argument("--trained", type=Path, help="folder of train_small_moe.py's models and train_report.json")
-    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
+    parser.add_argument("--block-size", type=int, choices=CLI_BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
                         help=f"quantization block size (default: {DEFAULT_BLOCK_SIZE})")
     parser.add_argument("--symmetric", action="store_true", help="symmetric blocks, no zero points (default: asymmetric)")
     parser.add_argument("--out", type=Path, default=Path("quantization_accuracy.json"))
