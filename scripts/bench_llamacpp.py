@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 from bench_runtime import build_package, interleaved_rates, runtime_rate  # noqa: E402
 from gguf_convert import (LLAMA_CPP_ENVIRONMENT, LLAMA_TYPE_OF_BITS, add_llama_cpp_argument, convert_to_gguf,  # noqa: E402
                           llama_cpp_binaries, quantize_gguf)
-from spac.ops.quantization import CLI_BLOCK_SIZES  # noqa: E402
+from spac.ops.quantization import CLI_BLOCK_SIZES, DEFAULT_BLOCK_SIZE  # noqa: E402
 
 
 def llama_cpp_tools(folder: Path | None) -> dict | None:
@@ -64,14 +64,23 @@ def int4_layouts(text: str) -> list[tuple[int, bool]]:
 
 
 def int4_flags(block: int, symmetric: bool) -> tuple[str, ...]:
-    """spac-export's flags for int4 experts and trunk in this layout (block 32 asymmetric: the default)."""
+    """spac-export's flags for int4 experts and trunk in this layout."""
     flags = ("--experts", "int4", "--trunk", "int4")
-    flags += ("--block-size", str(block)) if block != 32 else ()
+    flags += ("--block-size", str(block)) if block != DEFAULT_BLOCK_SIZE else ()
     return flags + (("--symmetric",) if symmetric else ())
 
 
 def int4_name(block: int, symmetric: bool) -> str:
     return f"int4 b{block}" + (" symmetric" if symmetric else "")
+
+
+def gguf_precision(precision: str) -> str:
+    """The GGUF a spac precision is measured against: "float32" (llama.cpp F32) or "int4" (Q4_0)."""
+    return "float32" if precision == "float32" else "int4"
+
+
+def llama_name(precision: str) -> str:
+    return "llama.cpp " + ("F32" if gguf_precision(precision) == "float32" else "Q4_0")
 
 
 def gguf_files(tools: dict, model_dir: Path, work: Path) -> dict[str, Path]:
@@ -114,16 +123,16 @@ def main(argv=None) -> dict:
     for precision, package in packages.items():
         runtime = Runtime(package, threads=args.threads, global_thread_pool=True)
         contenders[f"spac {precision}"] = runtime_rate(runtime, prompt, args.tokens)
-        bits = "float32" if precision == "float32" else "int4"
-        llama = "llama.cpp " + ("F32" if bits == "float32" else "Q4_0")
-        if bits in ggufs and llama not in contenders:
-            contenders[llama] = llama_bench_rate(tools["bench"], ggufs[bits], args.tokens, args.threads)
+        llama = llama_name(precision)
+        if gguf_precision(precision) in ggufs and llama not in contenders:
+            contenders[llama] = llama_bench_rate(tools["bench"], ggufs[gguf_precision(precision)], args.tokens,
+                                                 args.threads)
     rates = interleaved_rates(contenders, args.repeats)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     report = {"threads": args.threads, "tokens": args.tokens, "repeats": args.repeats, "rates": rates,
               "median_tokens_per_second": medians}
     for precision in packages:
-        spac, llama = f"spac {precision}", "llama.cpp " + ("F32" if precision == "float32" else "Q4_0")
+        spac, llama = f"spac {precision}", llama_name(precision)
         if llama in rates:
             per_round = [a / b for a, b in zip(rates[spac], rates[llama])]
             report[f"{spac} / {llama}"] = {"median": medians[spac] / medians[llama], "per_round": per_round}

@@ -12,8 +12,8 @@ each of the 64 positions the logits are compared and the two argmaxes must agree
 forcing, so one early disagreement does not make every later position differ).
 
 With --trained, the model that scripts/train_small_moe.py trained is exported float32, int8 and
-int4 (experts and trunk, block 32 unless --block-size) and each package's perplexity is measured on the training
-script's own held-out windows. Prints a table and writes JSON (--out).
+int4 (experts and trunk, block 32 unless --block-size) and each package's perplexity is
+measured on the training script's own held-out windows. Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
