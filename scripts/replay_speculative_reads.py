@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_memory import belady_misses, prompt_sets  # noqa: E402
+from spac.runtime.manifest import write_atomic  # noqa: E402
 
 Token = list  # per MoE layer, in order: the expert ids that token routes to
 
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
                 print(f"speculative, {slots} slots, p {p:.2f}, γ {gamma}: {ends[0]:.2f}-{ends[1]:.2f} reads a "
                       f"token, {ratio[0]:.2f}-{ratio[1]:.2f}x plain decoding's")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_atomic(args.out, (json.dumps(report, indent=2) + "\n").encode())
     print(f"wrote {args.out}")
     return report
 
