@@ -86,6 +86,15 @@ class ModelSection:
     def moe_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.kind == "moe"]
 
+    @property
+    def graphs(self) -> list[str]:
+        return section_graphs(self.embed, self.head, self.layers)
+
+
+def section_graphs(embed: str, head: str, layers: tuple[Layer, ...]) -> list[str]:
+    """A section's graphs: its embedding, its head, each layer's and each layer's post_experts."""
+    return [embed, head, *(layer.file for layer in layers), *filter(None, (layer.post_experts for layer in layers))]
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -291,7 +300,7 @@ class _Reader:
 
     def distinct_graphs(self, name: str, embed: str, head: str, layers: tuple[Layer, ...]) -> None:
         """Each graph has one role: its inputs and outputs are checked against that role."""
-        graphs = [embed, head, *(layer.file for layer in layers), *filter(None, (layer.post_experts for layer in layers))]
+        graphs = section_graphs(embed, head, layers)
         repeated = next((graph for graph in graphs if graphs.count(graph) > 1), None)
         if repeated is not None:
             self.fail(f"{name}", f"names the graph {repeated!r:.200} for more than one role (embed, head, a layer, "

@@ -206,8 +206,7 @@ class Runtime:
         pass of γ + 1 tokens routes to more distinct experts per token it yields than one-token
         decoding does: on the memory testbed (README, A model larger than memory) spac without SD
         decoded 1.31-1.73x spac+SD at caps of 30-75 %, the draft's acceptance 43 %."""
-        section = self.manifest.draft
-        draft_files = {section.embed, section.head, *(layer.file for layer in section.layers)}
+        draft_files = set(self.manifest.draft.graphs)
         loading = sum(entry["bytes"] for name, entry in self.manifest.files.items()  # a graph, or its external data
                       if name.removesuffix(".data") in draft_files)
         try:
