@@ -156,7 +156,7 @@ def worker(config: dict) -> dict:
             counts = runtime.count_routing()  # what spac-run --save-routing records
             for text in calibration:
                 runtime.generate(text, max_new_tokens=config["max_new_tokens"], speculative=speculative)
-        runtime.target.on_routing = lambda layer, ids: routing.append((layer, sorted(set(ids.reshape(-1).tolist()))))
+        runtime.target.on_routing = lambda layer, ids: routing.append((layer, routed_experts(ids)))
         result = generate_all(runtime, config["prompts"], speculative, config["max_new_tokens"])
         experts = runtime.experts
         every = len(runtime.manifest.target.moe_layers) * runtime.manifest.target.dims["num_experts"]
@@ -167,6 +167,11 @@ def worker(config: dict) -> dict:
                       lookahead=(experts.layer_lookahead.as_dict()
                                  if getattr(experts, "layer_lookahead", None) else None))
         return result
+
+
+def routed_experts(topk_ids: np.ndarray) -> list[int]:
+    """The distinct experts a layer's pass routes to (topk_ids [rows, k])."""
+    return sorted(set(topk_ids.reshape(-1).tolist()))
 
 
 def run_capped(cap: int | None, config: dict) -> dict:

@@ -39,7 +39,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_memory import belady_misses, prompt_sets  # noqa: E402
+from bench_memory import belady_misses, prompt_sets, routed_experts  # noqa: E402
 from spac.runtime.manifest import write_atomic  # noqa: E402
 
 Token = list  # per MoE layer, in order: the expert ids that token routes to
@@ -59,12 +59,11 @@ def record_routing(package: Path, prompts: list[str], max_new_tokens: int, threa
             def on_routing(layer: int, topk_ids: np.ndarray) -> None:
                 if layer == layers[0]:
                     passes.append({})
-                passes[-1][layer] = topk_ids
+                passes[-1][layer] = routed_experts(topk_ids)
 
             runtime.target.on_routing = on_routing
             runtime.generate(prompt, max_new_tokens=max_new_tokens, speculative=False)
-            prefill = [sorted(set(passes[0][layer].reshape(-1).tolist())) for layer in layers]
-            tokens = [[sorted(set(step[layer].reshape(-1).tolist())) for layer in layers] for step in passes[1:]]
+            prefill, *tokens = ([step[layer] for layer in layers] for step in passes)
             recorded.append({"prefill": prefill, "tokens": tokens})
     return recorded
 
